@@ -1,0 +1,216 @@
+"""Training and inference configuration (pydantic, loadable from YAML).
+
+Presets ship as YAML in ``lumosx_model/configs/``: ``tiny`` (random tiny models, CPU, for tests and smoke
+runs), ``paper_stage1`` / ``paper_stage2`` (the paper's two stages on Wan2.1-T2V-1.3B) and ``inference``.
+Values the paper does not publish (learning rate, batch size, training sigma shift, ...) are marked *design* in
+the field descriptions.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+WAN_T2V_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RelationalSettings(_Strict):
+    """Mirrors :class:`lumosx_model.relational.RelationalConfig` (the paper's ablation axes + kernel)."""
+
+    r2pe: bool = True
+    csam: bool = True
+    mcam: bool = True
+    mcam_ratio: float = 0.5
+    mcam_mode: Literal["paper", "exact"] = "paper"
+    mcam_pool: int = 8
+    backend: Literal["auto", "dense", "flex"] = "auto"
+
+    def build(self):
+        from lumosx_model.relational import RelationalConfig
+
+        return RelationalConfig(**self.model_dump())
+
+
+class ModelConfig(_Strict):
+    pretrained: str = Field(WAN_T2V_1_3B, description="Wan2.1 diffusers repo: hub id or local directory.")
+    revision: str | None = None
+    transformer_path: str | None = Field(
+        None, description="Directory with a trained transformer (a run's checkpoint or final dir); its "
+                          "'transformer/' subfolder (or the dir itself) replaces the pretrained one.")
+    tiny: bool = Field(False, description="Build tiny random-weight models of the same architectures (tests).")
+    tiny_seed: int = 0
+    text_len: int = Field(512, description="Prompt length in tokens (Wan: 512).")
+    relational: RelationalSettings = Field(default_factory=RelationalSettings)
+    gradient_checkpointing: bool = True
+
+
+class AugmentConfig(_Strict):
+    """Train-time condition augmentations; defaults are the released loader's (SPEC §2)."""
+
+    enabled: bool = True
+    crop_scale: tuple[float, float] = (0.67, 1.0)
+    downscale_min_pixels: int = Field(112, description="Random downscale keeps the long side >= this.")
+    affine_p: float = 0.9
+    affine_degrees: float = 20.0
+    affine_shear: float = 0.05
+    brightness: float = 0.05
+    brightness_p: float = 0.9
+    background_brightness_p: float = 0.5
+    contrast_saturation: float = 0.05
+    contrast_saturation_p: float = 0.9
+    hflip_p: float = 0.9
+    blur_p: float = 0.9
+    blur_sigma: tuple[float, float] = (0.1, 0.5)
+
+
+class DataConfig(_Strict):
+    shards: list[str] = Field(description="Shard URLs / paths; brace patterns ('shard-{000000..000099}.tar') "
+                                          "and globs are expanded.")
+    buckets: list[tuple[int, int]] = Field(default_factory=lambda: [(480, 832)],
+                                           description="(height, width) buckets; each sample goes to the "
+                                                       "nearest aspect ratio, resized and center-cropped.")
+    num_frames: int = 81
+    fps: float = 16.0
+    temporal_crop: Literal["random", "start", "center"] = "random"
+    batch_size: int = 1
+    num_workers: int = 4
+    shard_shuffle: int = Field(100, description="Shard shuffle buffer (0 = keep order).")
+    shuffle_buffer: int = Field(64, description="Sample shuffle buffer (0 = keep order).")
+    resampled: bool = Field(False, description="Draw shards with replacement (wds resampled mode) instead of "
+                                               "deterministic epochs split by node and worker.")
+    min_persons: int = 0
+    max_persons: int | None = Field(None, description="Stage filter: 1 for the paper's single-subject stage 1.")
+    max_subjects: int = 3
+    max_attributes: int = 3
+    whole_person_prob: float = 0.3
+    use_objects: bool = True
+    use_background: bool = True
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    cache_dir: str | None = Field(None, description="Cache of video latents and text embeddings "
+                                                    "(filled by `lumosx-train cache`).")
+
+    @field_validator("num_frames")
+    @classmethod
+    def _four_k_plus_one(cls, n: int) -> int:
+        if n < 1 or (n - 1) % 4:
+            raise ValueError(f"num_frames must be 4k+1 for the Wan VAE (1, 5, ..., 81), got {n}")
+        return n
+
+    @field_validator("buckets")
+    @classmethod
+    def _bucket_sizes(cls, buckets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if not buckets:
+            raise ValueError("at least one bucket is needed")
+        for h, w in buckets:
+            if h % 16 or w % 16:
+                raise ValueError(f"bucket {h}x{w}: height and width must be multiples of 16 (VAE 8 x patch 2)")
+        return buckets
+
+    @model_validator(mode="after")
+    def _cache_needs_fixed_clip(self) -> DataConfig:
+        if self.cache_dir is not None and self.temporal_crop == "random":
+            raise ValueError("cached video latents fix the clip: use temporal_crop 'start' or 'center' with cache_dir")
+        if self.max_persons is not None and self.max_persons < self.min_persons:
+            raise ValueError("max_persons < min_persons")
+        return self
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-5, description="design: common Wan 1.3B full fine-tune value (not published).")
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+
+
+class TrainConfig(_Strict):
+    output_dir: str
+    seed: int = 42
+    stage: str = Field("train", description="Run name in logs, e.g. 'stage1'.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    max_steps: int = 10_000
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    sigma_shift: float = Field(3.0, description="design: training sigma shift, sigma = s*u/(1+(s-1)*u).")
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    resume_from: str | None = Field("latest", description="'latest' (in output_dir, if any), a checkpoint "
+                                                          "dir, or null.")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> TrainConfig:
+        return cls.model_validate(_read_yaml(path))
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> TrainConfig:
+        return cls.model_validate(_deep_update(_read_yaml(preset_path(name)), overrides))
+
+    def to_yaml(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+
+class InferenceConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    fps: float = 16.0
+    steps: int = 50
+    shift: float = 8.0
+    guidance_scale: float = 6.0
+    negative_prompt: str = ""
+    seed: int = 0
+    device: str = "cuda"
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    identity_only: bool = Field(False, description="Use faces only (the identity-consistent task).")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> InferenceConfig:
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"num_frames must be 4k+1, got {self.num_frames}")
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> InferenceConfig:
+        return cls.model_validate(_read_yaml(path))
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> InferenceConfig:
+        return cls.model_validate(_deep_update(_read_yaml(preset_path(name)), overrides))
+
+
+def preset_path(name: str) -> Path:
+    path = Path(str(resources.files("lumosx_model") / "configs" / f"{name}.yaml"))
+    if not path.is_file():
+        raise FileNotFoundError(f"no preset {name!r} (looked for {path})")
+    return path
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> dict:
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _deep_update(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out

@@ -1,0 +1,163 @@
+"""The video clip stored in each sample: the source's bytes when they are already fit for training, else H.264.
+
+Training decodes frames only, so the stored clip is video-only whenever we re-encode: audio would add bytes to
+every shard and nothing to the model. A source that is already H.264/yuv420p in mp4/mov and small enough is
+copied byte for byte (no generation loss, no CPU spent); everything else (VP9/AV1 webm, 4K, 10-bit, mkv, avi)
+is transcoded once here so the trainer can rely on one codec, one container and a bounded frame size.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import av
+import fsspec
+
+from schemas.config import ClipConfig
+from schemas.records import Record, VideoRecord
+from tasks.base import StageError, atomic_path
+from tasks.ingest import is_local, local_path, open_media
+
+logger = logging.getLogger(__name__)
+
+# Pixel formats every H.264 decoder (and every training data loader) handles; 10-bit or 4:4:4 sources are
+# re-encoded even when their codec is H.264.
+_COPYABLE_PIX_FMTS = frozenset({"yuv420p", "yuvj420p"})
+
+
+class ClipInfo(Record):
+    """What `write_clip` stored."""
+
+    path: str
+    mode: Literal["copy", "transcode"]
+    codec: str
+    width: int
+    height: int
+    fps: float
+    size_bytes: int
+
+    @property
+    def reencoded(self) -> bool:
+        return self.mode == "transcode"
+
+
+def pick_encoder() -> str:
+    """libx264 when the FFmpeg bundled with PyAV has it (the PyPI wheels do); else FFmpeg's native mpeg4."""
+    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+
+def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Scale (width, height) so the longer side is at most `max_side`; both even (4:2:0 chroma needs it)."""
+    scale = min(1.0, max_side / max(width, height))
+    w = max(2, int(round(width * scale / 2)) * 2)
+    h = max(2, int(round(height * scale / 2)) * 2)
+    return w, h
+
+
+def add_video_stream(
+    out: av.container.OutputContainer,
+    width: int,
+    height: int,
+    rate: Fraction,
+    *,
+    crf: int = 20,
+    encoder: str | None = None,
+    gop: int | None = None,
+    preset: str | None = None,
+) -> av.VideoStream:
+    """Add a yuv420p video stream to `out`: H.264 at constant quality `crf`, or mpeg4 at a matching bitrate."""
+    encoder = encoder or pick_encoder()
+    options: dict[str, str] = {}
+    if encoder == "libx264":
+        options["crf"] = str(crf)
+        if preset:
+            options["preset"] = preset
+    stream = out.add_stream(encoder, rate=rate, options=options)
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    if encoder != "libx264":
+        # mpeg4 has no CRF; ~0.2 bit per pixel keeps natural video close to visually lossless.
+        stream.bit_rate = int(0.2 * width * height * float(rate))
+    if gop is not None:
+        stream.codec_context.gop_size = gop
+    return stream
+
+
+def write_clip(uri: str, video: VideoRecord, cfg: ClipConfig, out_path: Path) -> ClipInfo:
+    """Store the clip of `video` at `out_path` (written atomically; the name need not end in .mp4)."""
+    out_path = Path(out_path)
+    w, h = fit_within(video.width, video.height, cfg.max_side)
+    if cfg.reencode == "auto" and _copyable(uri, video, cfg):
+        with atomic_path(out_path) as tmp:
+            if is_local(uri):
+                shutil.copyfile(local_path(uri), tmp)
+            else:
+                with fsspec.open(uri, "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, length=8 << 20)
+        return ClipInfo(
+            path=str(out_path),
+            mode="copy",
+            codec=video.codec,
+            width=video.width,
+            height=video.height,
+            fps=video.fps,
+            size_bytes=out_path.stat().st_size,
+        )
+    encoder = pick_encoder()
+    try:
+        fps = _transcode(uri, out_path, w, h, cfg.crf, encoder)
+    except av.error.FFmpegError as e:
+        raise StageError("decode_error", f"cannot transcode {uri}: {e}") from e
+    return ClipInfo(
+        path=str(out_path),
+        mode="transcode",
+        codec="h264" if encoder == "libx264" else encoder,
+        width=w,
+        height=h,
+        fps=fps,
+        size_bytes=out_path.stat().st_size,
+    )
+
+
+def _copyable(uri: str, video: VideoRecord, cfg: ClipConfig) -> bool:
+    if video.codec != "h264" or max(video.width, video.height) > cfg.max_side:
+        return False
+    if not {"mp4", "mov"} & set(video.container.split(",")):
+        return False
+    # The pixel format is not in the VideoRecord; reading it costs one header parse.
+    with open_media(uri) as container:
+        return container.streams.video[0].codec_context.pix_fmt in _COPYABLE_PIX_FMTS
+
+
+def _transcode(uri: str, out_path: Path, width: int, height: int, crf: int, encoder: str) -> float:
+    """Decode every frame, scale to (width, height), encode video-only mp4. Returns the output frame rate."""
+    with open_media(uri) as src, atomic_path(out_path) as tmp:
+        ins = src.streams.video[0]
+        ins.thread_type = "AUTO"
+        rate = ins.average_rate or ins.guessed_rate or Fraction(25)
+        # Keep the source's timestamps (shifted to start at 0) so variable-frame-rate timing survives.
+        time_base = ins.time_base or 1 / rate
+        # faststart puts the index first: readers streaming the clip out of a tar need no seek to the end.
+        with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as dst:
+            outs = add_video_stream(dst, width, height, rate, crf=crf, encoder=encoder)
+            outs.codec_context.time_base = time_base
+            first_pts: int | None = None
+            last_pts = -1
+            for i, frame in enumerate(src.decode(ins)):
+                pts = frame.pts if frame.pts is not None else int(round(i / rate / time_base))
+                first_pts = pts if first_pts is None else first_pts
+                pts = max(pts - first_pts, last_pts + 1)  # strictly increasing, even for broken sources
+                last_pts = pts
+                # AREA averages source pixels: the right filter for downscaling (no aliasing on 4K sources).
+                out_frame = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+                out_frame.pts, out_frame.time_base = pts, time_base
+                for packet in outs.encode(out_frame):
+                    dst.mux(packet)
+            if first_pts is None:
+                raise StageError("decode_error", f"{uri}: no frame could be decoded")
+            for packet in outs.encode():
+                dst.mux(packet)
+    return float(rate)
