@@ -92,8 +92,8 @@ def write_shards_task(output: str, work_root: str, sample_ids: list[str], config
     t0 = time.perf_counter()
     pending = [PendingSample(key=k, directory=work.samples / k, fingerprint=sample_fp) for k in sorted(sample_ids)]
     summary = write_shards(Path(output), pending, config.shards)
-    rows = write_manifest(Path(output), work)
-    return summary, rows, time.perf_counter() - t0
+    rows, random_stages = write_manifest(Path(output), work)
+    return summary, rows, random_stages, time.perf_counter() - t0
 
 
 def _chunks(items: list[str], n: int) -> list[list[str]]:
@@ -162,7 +162,10 @@ def curate(
     atomic_write_json(out_dir / "config.json", config)
     random_stages = config.random_weight_stages()
     if random_stages:
-        log.warning("RANDOM WEIGHTS in stages %s: this run's outputs are for testing only", random_stages)
+        log.warning(
+            "stages %s are configured with RANDOM-WEIGHT test builds: whatever they produce is flagged as not data",
+            random_stages,
+        )
 
     from tasks.ingest import discover
 
@@ -199,7 +202,9 @@ def curate(
     bar.close()
 
     sample_ids = outcomes["sample"].ok
-    summary, rows, shard_seconds = write_shards_task(str(out_dir), str(work.root), sample_ids, config, fps["sample"])
+    summary, rows, random_in_samples, shard_seconds = write_shards_task(
+        str(out_dir), str(work.root), sample_ids, config, fps["sample"]
+    )
 
     failures = _current_failures(work, uris, video_ids, fps, config)
     from tasks.shards import write_failures
@@ -211,7 +216,8 @@ def curate(
     report = {
         "profile": config.profile,
         "config_fingerprint": fingerprint(config),
-        "random_weight_stages": random_stages,
+        "random_weight_stages": random_in_samples,
+        "configured_random_weight_stages": random_stages,
         "videos_found": len(uris),
         "videos_failed": failed_videos,
         "samples": summary.total_samples,

@@ -153,14 +153,19 @@ def write_shards(out_dir: Path, samples: list[PendingSample], cfg: ShardConfig) 
     )
 
 
-def write_manifest(out_dir: Path, work: WorkDir) -> int:
-    """One parquet row per sample in the index (rebuilt from the samples' meta.json each run)."""
+def write_manifest(out_dir: Path, work: WorkDir) -> tuple[int, list[str]]:
+    """One parquet row per sample in the index (rebuilt from the samples' meta.json each run).
+
+    Returns the row count and the stages whose random-weight test builds produced any of the samples.
+    """
     index = load_index(out_dir)
     rows = []
+    random_stages: set[str] = set()
     for entry in index.shards:
         for key in entry.keys:
             meta = SampleMeta.model_validate_json((work.samples / key / "meta.json").read_text())
             sample_dir = work.samples / key
+            random_stages.update(meta.random_weight_stages)
             rows.append(
                 {
                     "key": key,
@@ -184,7 +189,7 @@ def write_manifest(out_dir: Path, work: WorkDir) -> int:
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     with atomic_path(out_dir / MANIFEST_NAME) as tmp:
         pq.write_table(table, tmp)
-    return len(rows)
+    return len(rows), sorted(random_stages)
 
 
 def write_failures(out_dir: Path, failures: list[FailureRecord]) -> int:
