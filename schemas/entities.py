@@ -2,17 +2,18 @@
 
 Two layers live here:
 
-- `EntitiesAnswer`: what Qwen2.5-VL is asked to return for one video: the subjects (each bound to a numbered person
-  box), their attributes, the objects and the background, every phrase copied verbatim from the caption.
-  `EntitiesRecord` is the entities stage's per-video record around it.
-- `SampleMetaV2`: the `meta.json` of a curated v2 sample, i.e. the relation graph the trainer reads: subject groups
-  (a face plus its attribute images, optionally a whole-person cut-out), objects and the background, each image
-  given by its member name inside the same WebDataset sample. v1 samples (identity only: persons with a face and
-  nothing else) are upgraded on read by `load_sample_meta`.
+- `EntitiesAnswer`: what Qwen2.5-VL is asked to return for one video: the subjects (each bound to a
+  numbered person box), their attributes, the objects and the background, every phrase copied verbatim from
+  the caption. `EntitiesRecord` is the entities stage's per-video record around it.
+- `SampleMetaV2`: the `meta.json` of a curated v2 sample, i.e. the relation graph the trainer reads: subject
+  groups (a face plus its attribute images, optionally a whole-person cut-out), objects and the background,
+  each image given by its member name inside the same WebDataset sample. v1 samples (identity only: persons
+  with a face and nothing else) are upgraded on read by `load_sample_meta`.
 
-The JSON keys of `meta.json` are a contract with the trainer (lumosx_model/): `schema_version`, `key`, `caption`,
-`video`, `persons[].{person_id,label,face,whole,attributes[].{label,image,mask}}`, `objects[].{label,image,mask}`,
-`background.{label,image}`. Everything else (keyframes, boxes, scores, models) is provenance added next to them.
+The JSON keys of `meta.json` are a contract with the trainer (lumosx_model/): `schema_version`, `key`,
+`caption`, `video`, `persons[].{person_id,label,face,whole,attributes[].{label,image,mask}}`,
+`objects[].{label,image,mask}`, `background.{label,image}`. Everything else (keyframes, boxes, scores, models)
+is provenance added next to them.
 """
 
 from __future__ import annotations
@@ -30,10 +31,24 @@ ATTRIBUTE_KINDS: tuple[str, ...] = ("top", "bottom", "accessory", "hair", "other
 # Words a model uses for a kind instead of the asked-for enum value. The kind only steers the masks stage's
 # grounding prompt, so an unknown kind becomes "other" instead of costing a retry.
 _KIND_SYNONYMS = {
-    "upper": "top", "upper_body": "top", "upper body": "top", "shirt": "top", "clothing_top": "top", "tops": "top",
-    "lower": "bottom", "lower_body": "bottom", "lower body": "bottom", "pants": "bottom", "bottoms": "bottom",
-    "accessories": "accessory", "jewelry": "accessory", "jewellery": "accessory", "headwear": "accessory",
-    "hairstyle": "hair", "hair style": "hair", "haircut": "hair",
+    "upper": "top",
+    "upper_body": "top",
+    "upper body": "top",
+    "shirt": "top",
+    "clothing_top": "top",
+    "tops": "top",
+    "lower": "bottom",
+    "lower_body": "bottom",
+    "lower body": "bottom",
+    "pants": "bottom",
+    "bottoms": "bottom",
+    "accessories": "accessory",
+    "jewelry": "accessory",
+    "jewellery": "accessory",
+    "headwear": "accessory",
+    "hairstyle": "hair",
+    "hair style": "hair",
+    "haircut": "hair",
 }
 
 
@@ -105,15 +120,19 @@ class EntitiesRecord(Record):
 
     video_id: str
     model: ModelInfo
-    prompt_version: str = Field(description="prompt file name, e.g. entities_v1.txt (its text is fingerprinted)")
+    prompt_version: str = Field(
+        description="prompt file name, e.g. entities_v1.txt (its text is fingerprinted)"
+    )
     answer: EntitiesAnswer
     attempts: int = Field(ge=1, description="model calls until a valid answer (1 = first answer was valid)")
     prior_keyframes: list[int] = Field(description="keyframes shown to the model with numbered person boxes")
-    prior_images: list[str] = Field(default_factory=list, description="the annotated images, work-dir relative")
+    prior_images: list[str] = Field(
+        default_factory=list, description="the annotated images, work-dir relative"
+    )
 
 
-# ---------------------------------------------------------------------------------------------- relation graph
-_MEMBER = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9]+)+$")
+# --------------------------------------------------------------------------------------------- relation graph
+_MEMBER = re.compile(r"^[a-z0-9_\-]+(\.[a-z0-9]+)+$")
 
 
 def _check_member(name: str | None) -> str | None:
@@ -153,7 +172,9 @@ class SubjectGroup(_Meta):
     face_box: Box | None = None
     face_score: float | None = None
     attributes: list[AttributeEntity] = Field(default_factory=list)
-    whole: str | None = Field(None, description="whole-person cut-out (used for 30 % of persons at train time)")
+    whole: str | None = Field(
+        None, description="whole-person cut-out (used for 30 % of persons at train time)"
+    )
     whole_mask: str | None = None
     whole_keyframe: int | None = None
 
@@ -189,7 +210,9 @@ class BackgroundEntity(_Meta):
 
 
 class VideoInfo(_Meta):
-    content_id: str | None = Field(None, description="content-derived video id: samples sharing it share people")
+    content_id: str | None = Field(
+        None, description="content-derived video id: samples sharing it share people"
+    )
     uri: str | None = None
     width: int | None = None
     height: int | None = None
@@ -219,7 +242,9 @@ class SampleMetaV2(_Meta):
     background: BackgroundEntity | None = None
     models: dict[str, ModelInfo] = Field(default_factory=dict, description="stage -> model that produced it")
     config_fingerprint: str | None = None
-    random_weights: bool = Field(False, description="True if ANY model behind this sample had random test weights")
+    random_weights: bool = Field(
+        False, description="True if ANY model behind this sample had random test weights"
+    )
     random_weight_stages: list[str] = Field(default_factory=list)
     upgraded_from: int | None = Field(None, description="1 when read from a v1 (identity-only) sample")
 
@@ -291,7 +316,7 @@ def load_sample_meta(data: dict[str, Any]) -> SampleMetaV2:
 
 
 def dump_sample_meta(meta: SampleMetaV2) -> bytes:
-    """meta.json bytes. Null fields are kept: the trainer reads `whole: null` and `background: null` as absent."""
+    """meta.json bytes. Nulls are kept: the trainer reads `whole: null` and `background: null` as absent."""
     import json
 
     return json.dumps(meta.model_dump(mode="json"), ensure_ascii=False, sort_keys=True).encode("utf-8")

@@ -1,12 +1,13 @@
 """Per-entity keyframe selection (paper step 3d).
 
-Every entity (a face, an attribute, an object, the background) was found valid on some of the three keyframes. The
-paper picks one frame per entity at random, but never all entities from the same frame: condition images that all
-come from one instant let the model copy pose and lighting instead of learning identity and appearance.
+Every entity (a face, an attribute, an object, the background) was found valid on some of the three keyframes.
+The paper picks one frame per entity at random, but never all entities from the same frame: condition images
+that all come from one instant let the model copy pose and lighting instead of learning identity and
+appearance.
 
-Draws are random but reproducible: the generator is seeded from a SHA-256 of the seed string (video id + salt),
-never from Python's `hash()`, which is salted per process. The result does not depend on the order of the
-input dict.
+Draws are random but reproducible: the generator is seeded from a SHA-256 of the seed string (video id +
+salt), never from Python's `hash()`, which is salted per process. The result does not depend on the order of
+the input dict.
 """
 
 from __future__ import annotations

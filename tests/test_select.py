@@ -80,7 +80,10 @@ def test_mixed_key_types_and_duplicates():
 
 def test_seed_changes_the_draw():
     valid = {f"e{i}": [0, 1, 2] for i in range(6)}
-    draws = {tuple(select_keyframes(valid, selection_seed("video_a", salt)).values()) for salt in map(str, range(20))}
+    draws = {
+        tuple(select_keyframes(valid, selection_seed("video_a", salt)).values())
+        for salt in map(str, range(20))
+    }
     assert len(draws) > 10
 
 
@@ -91,12 +94,19 @@ def test_reproducible_across_processes():
         "print(select_keyframes({'a':[0,1,2],'b':[0,1,2],'c':[0,2],'d':[1,2]}, 'video_x'))"
     )
     outs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={"PYTHONHASHSEED": str(h), "PYTHONPATH": "."}).stdout
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": str(h), "PYTHONPATH": "."},
+        ).stdout
         for h in (1, 2, 3)
     }
     assert len(outs) == 1
-    assert eval(outs.pop()) == select_keyframes({"a": [0, 1, 2], "b": [0, 1, 2], "c": [0, 2], "d": [1, 2]}, "video_x")
+    assert eval(outs.pop()) == select_keyframes(
+        {"a": [0, 1, 2], "b": [0, 1, 2], "c": [0, 2], "d": [1, 2]}, "video_x"
+    )
 
 
 def test_draw_is_uniform_over_allowed_assignments():
