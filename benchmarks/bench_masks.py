@@ -1,7 +1,7 @@
-"""Seconds per image of the mask and background models: GroundingDINO, SAM (both backends), FLUX Fill.
+r"""Seconds per image of the mask and background models: GroundingDINO, SAM (both backends), FLUX Fill.
 
-By default every model is its tiny random-weight test build (what CI can run); pass real weights to measure the
-production models on a GPU, e.g.
+By default every model is its tiny random-weight test build (what CI can run); pass real weights to measure
+the production models on a GPU, e.g.
 
     python benchmarks/bench_masks.py --device cuda --dtype bfloat16 \
         --grounding-weights IDEA-Research/grounding-dino-base --sam-weights sam_vit_h_4b8939.pth \
@@ -69,29 +69,41 @@ def main() -> None:
     obj = Box(x0=w * 0.65, y0=h * 0.5, x1=w * 0.9, y1=h * 0.9)
     rows: list[tuple[str, str, float]] = []
 
+    def label(adapter) -> str:
+        return "tiny, random weights" if adapter.info.random_weights else str(adapter.info.model_id)
+
     # A person crop with three attribute phrases, plus an object search on the whole frame.
     grounder = GROUNDERS.build(spec("grounding-dino", args.grounding_weights, args))
     phrases = [["black shirt", "blue jeans", "watch"]] * args.batch
     t = timed(lambda: grounder.detect(frames, phrases, [person] * args.batch), args.repeats)
-    rows.append(("grounding-dino, person region, 3 phrases", grounder.info.model_id or "tiny", t / args.batch))
+    rows.append(("grounding-dino, person region, 3 phrases", label(grounder), t / args.batch))
     t = timed(lambda: grounder.detect(frames, [["wooden cutting board"]] * args.batch), args.repeats)
-    rows.append(("grounding-dino, full frame, 1 phrase", grounder.info.model_id or "tiny", t / args.batch))
+    rows.append(("grounding-dino, full frame, 1 phrase", label(grounder), t / args.batch))
 
-    boxes = [[person, obj, Box(x0=person.x0, y0=person.y0, x1=person.x1, y1=person.y0 + h * 0.3)]] * args.batch
+    boxes = [
+        [person, obj, Box(x0=person.x0, y0=person.y0, x1=person.x1, y1=person.y0 + h * 0.3)]
+    ] * args.batch
     for backend, weights in (("sam", args.sam_weights), ("sam-hf", args.sam_hf_weights)):
         seg = SEGMENTERS.build(spec(backend, weights, args))
-        t = timed(lambda: seg.segment(frames, boxes), args.repeats)
-        rows.append((f"{backend}, 3 boxes", seg.info.model_id or "tiny", t / args.batch))
+        t = timed(lambda seg=seg: seg.segment(frames, boxes), args.repeats)
+        rows.append((f"{backend}, 3 boxes", label(seg), t / args.batch))
 
-    inpainter = INPAINTERS.build(spec("flux-fill", args.flux_weights, args, num_inference_steps=args.flux_steps))
+    inpainter = INPAINTERS.build(
+        spec("flux-fill", args.flux_weights, args, num_inference_steps=args.flux_steps)
+    )
     mask = foreground_union([box_mask(person, (h, w)), box_mask(obj, (h, w))], dilate_px=max(2, w // 100))
     t = timed(
-        lambda: clean_plates(inpainter, frames, [mask] * args.batch, ["modern kitchen"] * args.batch, seeds=0),
+        lambda: clean_plates(
+            inpainter, frames, [mask] * args.batch, ["modern kitchen"] * args.batch, seeds=0
+        ),
         args.repeats,
     )
-    rows.append((f"flux-fill, {args.flux_steps} steps", inpainter.info.model_id or "tiny", t / args.batch))
+    rows.append((f"flux-fill, {args.flux_steps} steps", label(inpainter), t / args.batch))
 
-    print(f"frame {w}x{h}, batch {args.batch}, device {args.device}, dtype {args.dtype}, median of {args.repeats}")
+    print(
+        f"frame {w}x{h}, batch {args.batch}, device {args.device}, dtype {args.dtype}, median "
+        f"of {args.repeats}"
+    )
     print(f"{'model':<42} {'weights':<36} {'s / image':>10}")
     for name, weights, sec in rows:
         print(f"{name:<42} {weights:<36} {sec:>10.4f}")
