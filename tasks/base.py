@@ -27,6 +27,8 @@ from schemas.records import FailureRecord, Record, VideoRecord
 R = TypeVar("R", bound=Record)
 
 _SAFE_ID = re.compile(r"^[a-z0-9_]+$")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class StageError(Exception):
@@ -56,6 +58,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates 0600 files; outputs on a shared cluster must follow the umask like any other file.
+    os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -8,7 +8,6 @@ is transcoded once here so the trainer can rely on one codec, one container and 
 
 from __future__ import annotations
 
-import logging
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -21,8 +20,6 @@ from schemas.config import ClipConfig
 from schemas.records import Record, VideoRecord
 from tasks.base import StageError, atomic_path
 from tasks.ingest import is_local, local_path, open_media
-
-logger = logging.getLogger(__name__)
 
 # Pixel formats every H.264 decoder (and every training data loader) handles; 10-bit or 4:4:4 sources are
 # re-encoded even when their codec is H.264.
@@ -53,8 +50,8 @@ def pick_encoder() -> str:
 def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
     """Scale (width, height) so the longer side is at most `max_side`; both even (4:2:0 chroma needs it)."""
     scale = min(1.0, max_side / max(width, height))
-    w = max(2, int(round(width * scale / 2)) * 2)
-    h = max(2, int(round(height * scale / 2)) * 2)
+    w = max(2, round(width * scale / 2) * 2)
+    h = max(2, round(height * scale / 2) * 2)
     return w, h
 
 
@@ -147,7 +144,7 @@ def _transcode(uri: str, out_path: Path, width: int, height: int, crf: int, enco
             first_pts: int | None = None
             last_pts = -1
             for i, frame in enumerate(src.decode(ins)):
-                pts = frame.pts if frame.pts is not None else int(round(i / rate / time_base))
+                pts = frame.pts if frame.pts is not None else round(i / rate / time_base)
                 first_pts = pts if first_pts is None else first_pts
                 pts = max(pts - first_pts, last_pts + 1)  # strictly increasing, even for broken sources
                 last_pts = pts

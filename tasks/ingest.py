@@ -1,0 +1,443 @@
+"""Ingest: find videos, give each a content-derived id, probe it with PyAV, attach sidecar captions.
+
+Ingest is the one stage whose input is a uri rather than a `VideoContext`: it creates the `VideoRecord` every
+later stage starts from. Ids come from the bytes (not the path), so a renamed or copied file keeps its id and its
+finished work, and two copies of one file are curated once.
+
+Sources are a local directory (searched recursively), a glob, a single file, or any fsspec URL (``s3://``,
+``gs://``, ``file://``, ...). Local files stay plain paths so PyAV reads them directly; remote files are read
+through fsspec file objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from schemas.config import CurateConfig, IngestConfig
+from schemas.records import FailureRecord, VideoRecord
+from tasks.base import Stage, StageError, VideoContext, WorkDir
+from tasks.pipeline import INGEST_VERSION, ingest_fingerprint
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20  # bytes hashed at the start, middle and end of a file
+_GLOB_CHARS = set("*?[")
+
+
+# ---------------------------------------------------------------------------------------------- file access
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    return uri.removeprefix("file://")
+
+
+def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(uri)
+
+
+@contextmanager
+def open_media(uri: str) -> Iterator[av.container.InputContainer]:
+    """Open a video for reading: local paths directly (FFmpeg's own I/O), remote ones via a seekable fsspec file."""
+    if is_local(uri):
+        with av.open(local_path(uri), "r") as container:
+            yield container
+        return
+    with fsspec.open(uri, "rb") as f, av.open(f, "r") as container:
+        yield container
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+def discover(source: str, extensions: Iterable[str]) -> list[str]:
+    """Video uris under `source` (directory, glob, single file or fsspec URL), sorted.
+
+    Directories are searched recursively and filtered by extension (case-insensitive); hidden files and
+    directories (``.*``: our own ``.tmp-*`` partial writes, macOS ``._*`` forks, ``.cache/``) are skipped. A glob
+    with no match gives an empty list; a single file is returned as is. Local results are plain absolute paths;
+    remote results keep their protocol.
+    """
+    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    fs, root = _fs(source)
+    base = ""
+    if _GLOB_CHARS & set(root):
+        found = [p for p in fs.glob(root) if fs.isfile(p)]
+    elif fs.isdir(root):
+        found, base = fs.find(root), root.rstrip("/") + "/"
+    elif fs.isfile(root):
+        return [_to_uri(fs, root)]
+    else:
+        raise FileNotFoundError(f"no such file, directory or glob match: {source}")
+
+    def hidden(path: str) -> bool:
+        rel = path[len(base) :] if base and path.startswith(base) else posixpath.basename(path)
+        return any(part.startswith(".") for part in rel.split("/"))
+
+    return sorted(_to_uri(fs, p) for p in found if p.lower().endswith(exts) and not hidden(p))
+
+
+def _to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    if isinstance(fs, LocalFileSystem):
+        return str(Path(path).resolve())
+    return fs.unstrip_protocol(path)
+
+
+# ---------------------------------------------------------------------------------------------- ids
+def content_id(uri: str) -> str:
+    """Id from the bytes: blake2b over the size and 1 MiB at the start, middle and end of the file.
+
+    Reads at most 3 MiB however large the file is (cheap on object stores), survives renames and copies, and
+    changes when the content does (any re-encode changes the size or the sampled bytes). Rendered as
+    ``v`` + 20 hex digits: a valid file name and WebDataset key (no dots).
+    """
+    fs, path = _fs(uri)
+    size = fs.size(path)
+    h = hashlib.blake2b(digest_size=10)
+    h.update(size.to_bytes(8, "little"))
+    with fs.open(path, "rb") as f:
+        for offset in sorted({0, max(0, size // 2 - _CHUNK // 2), max(0, size - _CHUNK)}):
+            f.seek(offset)
+            h.update(f.read(_CHUNK))
+    return "v" + h.hexdigest()
+
+
+def uri_id(uri: str) -> str:
+    """Id for a file whose bytes cannot be read (its failure row still needs a key): hash of the uri."""
+    return "u" + hashlib.blake2b(uri.encode(), digest_size=10).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- probe
+# Leading bytes of containers FFmpeg reads. A file that starts like a video but does not open is "corrupt"
+# (truncated download, missing moov atom); anything else is "not_a_video" (a text or image file named .mp4).
+_ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot")
+_MAGICS = (
+    b"\x1a\x45\xdf\xa3",
+    b"RIFF",
+    b"FLV",
+    b"OggS",
+    b"\x00\x00\x01\xba",
+    b"\x00\x00\x01\xb3",
+    b"\x30\x26\xb2\x75",
+)
+
+
+def _looks_like_video(head: bytes) -> bool:
+    if head[4:8] in _ISO_BOXES or head.startswith(_MAGICS):
+        return True
+    # MPEG-TS: a 0x47 sync byte every 188 bytes.
+    return len(head) >= 377 and head[0] == head[188] == head[376] == 0x47
+
+
+def probe(uri: str, video_id: str, cfg: IngestConfig) -> VideoRecord:
+    """Read what the file is (container, codec, size, rate, duration, frames) and check it is usable.
+
+    Raises `StageError` with reason ``empty_file``, ``not_a_video``, ``corrupt``, ``no_video_stream``,
+    ``too_short``, ``too_long`` or ``too_large``. Decodes one frame, so a file whose header opens but whose
+    frames are missing or broken fails here rather than in every later stage.
+    """
+    fs, path = _fs(uri)
+    size = fs.size(path)
+    if size == 0:
+        raise StageError("empty_file", f"{uri} is empty (0 bytes)")
+    try:
+        with open_media(uri) as container:
+            return _probe_open(container, uri, video_id, size, cfg)
+    except av.error.FFmpegError as e:
+        with fs.open(path, "rb") as f:
+            head = f.read(512)
+        if _looks_like_video(head):
+            raise StageError("corrupt", f"{uri} looks like a video but FFmpeg cannot read it: {e}") from e
+        raise StageError("not_a_video", f"{uri} is not a video file FFmpeg can read: {e}") from e
+
+
+def _probe_open(
+    container: av.container.InputContainer, uri: str, video_id: str, size: int, cfg: IngestConfig
+) -> VideoRecord:
+    if not container.streams.video:
+        kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
+        raise StageError("no_video_stream", f"{uri} has no video stream (streams: {kinds})")
+    stream = container.streams.video[0]
+    cc = stream.codec_context
+    width, height = cc.width, cc.height
+    if width * height > cfg.max_pixels:
+        raise StageError("too_large", f"{uri}: {width}x{height} exceeds max_pixels={cfg.max_pixels}")
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate:
+        raise StageError("corrupt", f"{uri}: the video stream has no frame rate")
+    fps = float(rate)
+    duration = _duration_s(container, stream)
+    num_frames = stream.frames or round(duration * fps)
+    if num_frames < cfg.min_frames or duration < cfg.min_duration_s:
+        raise StageError(
+            "too_short",
+            f"{uri}: {num_frames} frames / {duration:.2f} s "
+            f"(need >= {cfg.min_frames} frames and >= {cfg.min_duration_s} s)",
+        )
+    if duration > cfg.max_duration_s:
+        raise StageError("too_long", f"{uri}: {duration:.1f} s exceeds max_duration_s={cfg.max_duration_s}")
+    _check_first_frame(container, stream, uri)
+    return VideoRecord(
+        video_id=video_id,
+        uri=uri,
+        size_bytes=size,
+        container=container.format.name,
+        codec=cc.name,
+        width=width,
+        height=height,
+        fps=fps,
+        duration_s=duration,
+        num_frames=num_frames,
+        has_audio=bool(container.streams.audio),
+    )
+
+
+def _duration_s(container: av.container.InputContainer, stream: av.VideoStream) -> float:
+    """Duration of the video stream, from the first frame's start to the last frame's end.
+
+    mp4/mov and MPEG-TS give it per stream. Matroska/WebM (most web downloads) do not, and their container
+    duration may or may not include the start offset; there we demux the last GOP (seek near the end, read
+    packets, no decoding) and take the end of the last packet.
+    """
+    tb = stream.time_base
+    start = stream.start_time or 0
+    if stream.duration and tb:
+        return float(stream.duration * tb)
+    if tb and container.duration:
+        try:
+            container.seek(start + int(container.duration / av.time_base / tb), stream=stream, backward=True)
+            end = None
+            for packet in container.demux(stream):
+                if packet.pts is not None:
+                    stop = packet.pts + (packet.duration or 0)
+                    end = stop if end is None else max(end, stop)
+            container.seek(start, stream=stream, backward=True)
+            if end is not None:
+                return float((end - start) * tb)
+        except av.error.FFmpegError:
+            logger.debug("tail scan failed on %s; using the container duration", container.name)
+    if container.duration:
+        return container.duration / av.time_base
+    # No duration anywhere (raw streams): count packets, still no decoding.
+    count = sum(1 for p in container.demux(stream) if p.size)
+    container.seek(0)
+    rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+    return count / float(rate)
+
+
+def _check_first_frame(container: av.container.InputContainer, stream: av.VideoStream, uri: str) -> None:
+    try:
+        for _ in container.decode(stream):
+            return
+    except av.error.FFmpegError as e:
+        raise StageError("corrupt", f"{uri}: the first frame cannot be decoded: {e}") from e
+    raise StageError("corrupt", f"{uri}: the video stream has no decodable frame (truncated file?)")
+
+
+# ---------------------------------------------------------------------------------------------- sidecar captions
+_KEY_COLUMNS = (
+    "uri",
+    "url",
+    "path",
+    "file",
+    "filename",
+    "file_name",
+    "video",
+    "videoID",
+    "video_id",
+    "key",
+    "id",
+)
+_CAPTION_COLUMNS = ("caption", "text", "description", "prompt", "dense_caption")
+
+
+class SidecarTableError(ValueError):
+    """The sidecar caption table cannot be read or lacks a key or caption column."""
+
+
+def load_sidecar_table(path: str) -> dict[str, str]:
+    """Captions from a parquet / csv / jsonl table: key (uri, file name or stem) -> caption.
+
+    Rows are indexed by every key column present (uri, url, path, file, filename, file_name, video, videoID,
+    video_id, key, id; Panda-70M's csv has ``videoID`` and ``url``); the caption is the first of caption, text,
+    description, prompt, dense_caption. Videos are matched by full uri, then file name, then file name without
+    extension. Column names are matched case-insensitively.
+    """
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        read = pq.read_table
+    elif lower.endswith(".csv"):
+        read = pacsv.read_csv
+    elif lower.endswith((".jsonl", ".ndjson")):
+        read = pajson.read_json
+    else:
+        raise SidecarTableError(f"{path}: unknown table format (use .parquet, .csv or .jsonl)")
+    try:
+        with fsspec.open(path, "rb") as f:
+            table = read(f)
+    except (OSError, ValueError) as e:  # pyarrow's parse errors are ValueErrors
+        raise SidecarTableError(f"cannot read sidecar table {path}: {e}") from e
+    names = {n.lower(): n for n in table.column_names}
+    key_cols = [names[c.lower()] for c in _KEY_COLUMNS if c.lower() in names]
+    cap_col = next((names[c.lower()] for c in _CAPTION_COLUMNS if c.lower() in names), None)
+    if not key_cols or cap_col is None:
+        raise SidecarTableError(
+            f"{path}: need a key column (one of {', '.join(_KEY_COLUMNS)}) and a caption column "
+            f"(one of {', '.join(_CAPTION_COLUMNS)}); found {table.column_names}"
+        )
+    captions = table.column(cap_col).to_pylist()
+    out: dict[str, str] = {}
+    # Every key column indexes the row: Panda-70M files may be named by videoID or looked up by url.
+    for key_col in key_cols:
+        for key, caption in zip(table.column(key_col).to_pylist(), captions):
+            if key is None or caption is None:
+                continue
+            if not isinstance(caption, str):
+                raise SidecarTableError(
+                    f"{path}: caption for {key!r} is {type(caption).__name__}, not a string"
+                )
+            if caption.strip():
+                out.setdefault(str(key), caption.strip())
+    return out
+
+
+def sidecar_caption(uri: str, cfg: IngestConfig, table: dict[str, str] | None) -> str | None:
+    """The table's caption for `uri` if it has one, else the text of ``<video>.txt`` next to it."""
+    if table:
+        name = posixpath.basename(uri)
+        for key in (uri, name, posixpath.splitext(name)[0]):
+            if key in table:
+                return table[key]
+    if cfg.sidecar_txt:
+        txt = posixpath.splitext(uri)[0] + ".txt"
+        fs, path = _fs(txt)
+        if fs.isfile(path):
+            with fs.open(path, "rb") as f:
+                text = f.read().decode("utf-8", errors="replace").strip()
+            return text or None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+class IngestStage(Stage[VideoRecord]):
+    """Ingest as a `Stage`, for what the runner needs from every stage (name, version, fingerprint).
+
+    Batches of uris go through `ingest_batch`; `process` re-probes videos that already have a record (a file
+    replaced in place keeps its uri, and probing again tells whether it is still usable).
+    """
+
+    name = "ingest"
+    version = INGEST_VERSION
+    record_type = VideoRecord
+
+    def settings(self) -> IngestConfig:
+        return self.config.ingest
+
+    def fingerprint(self, upstream: dict[str, str] | None = None) -> str:
+        return ingest_fingerprint(self.config)
+
+    def process(self, videos: list[VideoContext]) -> dict[str, VideoRecord | StageError]:
+        table = _table(self.config.ingest)
+        out: dict[str, VideoRecord | StageError] = {}
+        for ctx in videos:
+            try:
+                rec = probe(ctx.video.uri, ctx.video_id, self.config.ingest)
+                out[ctx.video_id] = rec.model_copy(
+                    update={"sidecar_caption": sidecar_caption(rec.uri, self.config.ingest, table)}
+                )
+            except StageError as e:
+                out[ctx.video_id] = e
+        return out
+
+
+def _table(cfg: IngestConfig) -> dict[str, str] | None:
+    return load_sidecar_table(cfg.sidecar_table) if cfg.sidecar_table else None
+
+
+def _exists(uri: str) -> bool:
+    fs, path = _fs(uri)
+    return fs.isfile(path)
+
+
+def ingest_batch(
+    uris: list[str], cfg: CurateConfig, work: WorkDir
+) -> tuple[list[VideoRecord], list[FailureRecord]]:
+    """Id, dedup, probe and caption a batch of uris; every result is saved to `work` as it is made.
+
+    Returns the usable videos and the failures. Identical content at two uris is curated once: the first uri
+    in the batch (or the one already recorded, if that file still exists) keeps the id, the others come back as
+    failures with error_class ``duplicate`` (returned for the run report, not saved: the id's record belongs to
+    the kept uri). A record with the current fingerprint is reused without probing; a renamed file only gets its
+    uri and sidecar caption refreshed.
+    """
+    icfg = cfg.ingest
+    fp = ingest_fingerprint(cfg)
+    table = _table(icfg)
+    records: list[VideoRecord] = []
+    failures: list[FailureRecord] = []
+    seen: dict[str, str] = {}
+
+    def fail(video_id: str, uri: str, error_class: str, message: str, save: bool = True) -> None:
+        failure = FailureRecord(
+            video_id=video_id, uri=uri, stage="ingest", error_class=error_class, message=message
+        )
+        if save:
+            work.save_failure("ingest", video_id, fp, failure)
+        failures.append(failure)
+        logger.info("ingest failed (%s): %s", error_class, message)
+
+    for uri in uris:
+        try:
+            vid = content_id(uri)
+        except OSError as e:
+            fail(uri_id(uri), uri, "unreadable", f"cannot read {uri}: {e}")
+            continue
+        if vid in seen:
+            fail(vid, uri, "duplicate", f"{uri} has the same content as {seen[vid]}", save=False)
+            continue
+        seen[vid] = uri
+
+        prev = work.load("ingest", vid)
+        if prev is not None and prev["fingerprint"] == fp:
+            prev_uri = prev["record"]["uri"] if prev["status"] == "ok" else prev["failure"]["uri"]
+            if prev_uri != uri and _exists(prev_uri):
+                fail(vid, uri, "duplicate", f"{uri} has the same content as {prev_uri}", save=False)
+                continue
+            if prev["status"] == "ok":
+                old = VideoRecord.model_validate(prev["record"])
+                rec = old.model_copy(
+                    update={"uri": uri, "sidecar_caption": sidecar_caption(uri, icfg, table)}
+                )
+                if rec != old:
+                    work.save_ok("ingest", vid, fp, rec)
+                records.append(rec)
+                continue
+            if not cfg.run.retry_failed:
+                failures.append(FailureRecord.model_validate({**prev["failure"], "uri": uri}))
+                continue
+
+        try:
+            rec = probe(uri, vid, icfg)
+            rec = rec.model_copy(update={"sidecar_caption": sidecar_caption(uri, icfg, table)})
+        except StageError as e:
+            fail(vid, uri, e.reason, str(e))
+            continue
+        except OSError as e:
+            fail(vid, uri, "unreadable", f"cannot read {uri}: {e}")
+            continue
+        work.save_ok("ingest", vid, fp, rec)
+        records.append(rec)
+    return records, failures

@@ -1,0 +1,128 @@
+"""The stored clip: copied when already fit for training, else an H.264 mp4 that decodes at the right size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import fsspec
+import numpy as np
+import pytest
+
+from flows.sample_data import write_video
+from schemas.config import ClipConfig, IngestConfig
+from tasks.clip import fit_within, write_clip
+from tasks.ingest import probe
+
+
+def frames(n: int, w: int, h: int):
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    return (np.roll(base, 2 * i, axis=1) for i in range(n))
+
+
+def decode(path: Path) -> tuple[str, list[tuple[int, int]], int, bool]:
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        sizes = [(f.width, f.height) for f in c.decode(stream)]
+        return stream.codec_context.name, sizes, len(c.streams.audio), bool(c.streams.audio)
+
+
+def source(path: Path, n: int = 20, w: int = 96, h: int = 64, **kw):
+    write_video(path, frames(n, w, h), 16, **kw)
+    return probe(str(path), "vid", IngestConfig(min_frames=1, min_duration_s=0))
+
+
+def test_fit_within():
+    assert fit_within(3840, 2160, 1280) == (1280, 720)
+    assert fit_within(2160, 3840, 1280) == (720, 1280)
+    assert fit_within(1000, 563, 640) == (640, 360)
+    assert fit_within(640, 360, 1280) == (640, 360)
+
+
+def test_h264_mp4_is_copied_byte_for_byte(tmp_path):
+    video = source(tmp_path / "src.mp4")
+    info = write_clip(
+        video.uri, video, ClipConfig(), tmp_path / "out" / "mp4"
+    )  # no extension, as in a sample dir
+    assert info.mode == "copy" and not info.reencoded
+    assert (tmp_path / "out" / "mp4").read_bytes() == (tmp_path / "src.mp4").read_bytes()
+    assert (info.width, info.height, info.size_bytes) == (96, 64, (tmp_path / "src.mp4").stat().st_size)
+
+
+@pytest.mark.parametrize(
+    "name, cfg, want",
+    [
+        ("src.mp4", ClipConfig(reencode="always"), (96, 64)),  # forced
+        ("src.mkv", ClipConfig(), (96, 64)),  # H.264, but not in mp4/mov
+        ("src.mp4", ClipConfig(max_side=48), (48, 32)),  # too large
+    ],
+)
+def test_transcode_decodes_at_the_right_size(tmp_path, name, cfg, want):
+    fmt = "matroska" if name.endswith(".mkv") else "mp4"
+    video = source(tmp_path / name, container_format=fmt)
+    out = tmp_path / "clip"
+    info = write_clip(video.uri, video, cfg, out)
+    assert info.mode == "transcode" and info.reencoded and (info.width, info.height) == want
+    codec, sizes, _, has_audio = decode(out)
+    assert codec == "h264" and sizes == [want] * 20 and not has_audio
+    assert info.fps == 16 and info.size_bytes == out.stat().st_size
+    data = out.read_bytes()
+    assert data.index(b"moov") < data.index(b"mdat")  # faststart: readable while streaming from a tar
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_4k_is_downscaled(tmp_path):
+    x = np.linspace(0, 255, 3840, dtype=np.float32)
+    smooth = np.broadcast_to(x[None, :, None], (2160, 3840, 3)).astype(
+        np.uint8
+    )  # cheap to encode, unlike noise
+    write_video(
+        tmp_path / "uhd.mp4", (np.roll(smooth, 16 * i, axis=1) for i in range(4)), 16, preset="ultrafast"
+    )
+    video = probe(str(tmp_path / "uhd.mp4"), "vid", IngestConfig(min_frames=1, min_duration_s=0))
+    assert (video.width, video.height) == (3840, 2160)
+    info = write_clip(video.uri, video, ClipConfig(), tmp_path / "clip.mp4")
+    assert (info.mode, info.width, info.height) == ("transcode", 1280, 720)
+    assert decode(tmp_path / "clip.mp4")[1] == [(1280, 720)] * 4
+
+
+def test_audio_dropped_and_mpeg4_fallback(tmp_path, monkeypatch):
+    path = tmp_path / "av.mp4"
+    with av.open(str(path), "w") as out:
+        v = out.add_stream("libx264", rate=16)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        a = out.add_stream("aac", rate=16000, layout="mono")
+        for img in frames(20, 64, 48):
+            for p in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(p)
+        for k in range(20):
+            af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            af.sample_rate, af.pts = 16000, k * 1024
+            for p in a.encode(af):
+                out.mux(p)
+        for s in (v, a):
+            for p in s.encode():
+                out.mux(p)
+    video = probe(str(path), "vid", IngestConfig())
+    assert video.has_audio
+    monkeypatch.setattr("tasks.clip.pick_encoder", lambda: "mpeg4")  # FFmpeg builds without libx264
+    info = write_clip(video.uri, video, ClipConfig(reencode="always"), tmp_path / "clip.mp4")
+    codec, sizes, n_audio, _ = decode(tmp_path / "clip.mp4")
+    assert (info.codec, codec, n_audio) == ("mpeg4", "mpeg4", 0) and sizes == [(64, 48)] * 20
+
+
+def test_remote_source(tmp_path):
+    """Sources behind an fsspec URL are copied and transcoded through file objects."""
+    local = source(tmp_path / "src.mp4")
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/clip_src/a.mp4", (tmp_path / "src.mp4").read_bytes())
+    uri = fs.unstrip_protocol("/clip_src/a.mp4")
+    try:
+        video = local.model_copy(update={"uri": uri})
+        assert write_clip(uri, video, ClipConfig(), tmp_path / "copy.mp4").mode == "copy"
+        assert (tmp_path / "copy.mp4").read_bytes() == (tmp_path / "src.mp4").read_bytes()
+        info = write_clip(uri, video, ClipConfig(max_side=48), tmp_path / "small.mp4")
+        assert info.mode == "transcode" and decode(tmp_path / "small.mp4")[1] == [(48, 32)] * 20
+    finally:
+        fs.rm("/clip_src", recursive=True)

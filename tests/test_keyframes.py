@@ -1,0 +1,145 @@
+"""Keyframes are frame-exact: each test video shows its frame index as a grey level, read back from the images."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from flows.sample_data import write_video
+from schemas.config import CurateConfig
+from schemas.records import VideoRecord
+from tasks.base import StageError, VideoContext, WorkDir
+from tasks.ingest import content_id, probe
+from tasks.keyframes import KeyframesStage, extract_keyframes, sample_frames
+
+FPS = 20
+N = 60  # 3 s
+W, H = 64, 48
+
+
+def level(i: int) -> int:
+    return 8 + 4 * i  # distinct grey per frame (< 256 for i < 62); RGB->YUV->RGB shifts it by up to 2
+
+
+def index_of(image: Image.Image) -> int:
+    return round((np.asarray(image.convert("L"), dtype=np.float64).mean() - 8) / 4)
+
+
+def grey_frames(n: int = N):
+    return (np.full((H, W, 3), level(i), np.uint8) for i in range(n))
+
+
+def expected_index(t: float, fps: float = FPS, n: int = N) -> int:
+    """The frame shown at time t: the first frame starting at or after t (the last frame past the end)."""
+    return min(n - 1, math.ceil(t * fps - 1e-9))
+
+
+def make(tmp_path: Path, name: str, **kw) -> tuple[str, VideoRecord]:
+    # crf=0 is lossless: the grey levels survive encoding exactly; gop=8 gives several keyframes to seek to.
+    path = write_video(tmp_path / name, grey_frames(), FPS, crf=0, gop=8, **kw)
+    uri = str(path)
+    return uri, probe(uri, content_id(uri), CurateConfig().ingest)
+
+
+# Close targets (decoded forward from the previous one), far ones (a seek), repeats, and past the end.
+TIMES = [0.0, 0.049, 0.05, 0.051, 0.43, 1.0, 1.5, 1.52, 2.2, 2.85, 2.949, 2.95, 3.0, 7.0, 1.5, 0.0]
+TIMES += [float(t) for t in np.linspace(0.01, 2.99, 23)]
+
+
+@pytest.mark.parametrize(
+    "name, kw",
+    [
+        ("cfr.mp4", {}),
+        ("offset.mp4", {"start_time_s": 1.5}),
+        ("offset.ts", {"start_time_s": 2.0, "container_format": "mpegts"}),
+        ("offset.mkv", {"start_time_s": 0.75, "container_format": "matroska"}),
+    ],
+)
+def test_frames_exact_at_any_time(tmp_path, name, kw):
+    uri, video = make(tmp_path, name, **kw)
+    assert video.num_frames == N and video.duration_s == pytest.approx(N / FPS)
+    if "start_time_s" in kw:
+        with av.open(uri) as c:
+            s = c.streams.video[0]
+            assert s.start_time * s.time_base == pytest.approx(kw["start_time_s"])
+    images = sample_frames(uri, TIMES, None)
+    assert [index_of(im) for im in images] == [expected_index(t) for t in TIMES]
+
+
+def test_variable_frame_rate(tmp_path):
+    """Irregular frame durations: the chosen frame is the one on screen at the target time, not t*fps."""
+    durations_ms = [30, 70, 50, 110, 40, 90, 60, 50] * 4
+    starts = np.concatenate([[0], np.cumsum(durations_ms)[:-1]])
+    path = tmp_path / "vfr.mkv"
+    with av.open(str(path), "w", format="matroska") as out:
+        stream = out.add_stream("libx264", rate=20, options={"crf": "0"})
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        stream.codec_context.gop_size = 6
+        for i, pts in enumerate(starts):
+            frame = av.VideoFrame.from_ndarray(np.full((H, W, 3), level(i), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = int(pts), Fraction(1, 1000)
+            for p in stream.encode(frame):
+                out.mux(p)
+        for p in stream.encode():
+            out.mux(p)
+    times = [0.0, 0.031, 0.1, 0.5, 0.95, 1.3, 1.9]
+    got = [index_of(im) for im in sample_frames(str(path), times)]
+    want = [min(len(starts) - 1, int(np.searchsorted(starts, t * 1000 - 1e-6))) for t in times]
+    assert got == want
+
+
+def test_extract_keyframes_writes_images(tmp_path):
+    uri, video = make(tmp_path, "cfr.mp4", start_time_s=0.4)
+    out = tmp_path / "work" / "media" / video.video_id
+    kfs = extract_keyframes(uri, video, [0.05, 0.5, 0.95], out, "png", relative_to=tmp_path / "work")
+    assert [k.index for k in kfs] == [0, 1, 2]
+    for k, pos in zip(kfs, [0.05, 0.5, 0.95]):
+        assert k.position == pos and k.target_time_s == pytest.approx(pos * N / FPS)
+        assert k.path == f"media/{video.video_id}/kf_{k.index}.png"
+        image = Image.open(tmp_path / "work" / k.path)
+        assert image.size == (W, H) == (k.width, k.height)
+        assert index_of(image) == k.frame_index == expected_index(k.target_time_s)
+        assert -1e-6 <= k.time_s - k.target_time_s < 1 / FPS
+    with pytest.raises(ValueError, match="positions"):
+        extract_keyframes(uri, video, [1.5], out, "png")
+
+
+def test_sample_frames_sizes_and_order(tmp_path):
+    path = write_video(
+        tmp_path / "big.mp4",
+        (np.full((120, 200, 3), level(i), np.uint8) for i in range(N)),
+        FPS,
+        crf=0,
+        gop=8,
+    )
+    times = [2.5, 0.1, 1.0, 0.1]
+    small = sample_frames(str(path), times, max_side=50)
+    assert len(small) == 4 and all(im.size == (50, 30) for im in small)
+    assert [index_of(im) for im in small] == [expected_index(t) for t in times]
+    full = sample_frames(str(path), [1.0], max_side=None)
+    assert full[0].size == (200, 120) and full[0].mode == "RGB"
+
+
+def test_stage_records_and_decode_errors(tmp_path):
+    _uri, video = make(tmp_path, "cfr.mp4")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all" * 50)
+    bad_video = video.model_copy(update={"video_id": "vbad", "uri": str(bad)})
+    work = WorkDir(tmp_path / "work")
+    cfg = CurateConfig.model_validate({"keyframes": {"image_format": "jpg"}})
+    stage = KeyframesStage(cfg, work)
+    ctxs = [VideoContext(video=v, work=work, fingerprints={}) for v in (video, bad_video)]
+    result = stage.process(ctxs)
+    rec = result[video.video_id]
+    assert [k.frame_index for k in rec.keyframes] == [expected_index(p * N / FPS) for p in (0.05, 0.5, 0.95)]
+    assert all(work.abs(k.path).is_file() and k.path.endswith(".jpg") for k in rec.keyframes)
+    err = result["vbad"]
+    assert isinstance(err, StageError) and err.reason == "decode_error"
+    assert stage.fingerprint({"ingest": "a"}) != stage.fingerprint({"ingest": "b"})

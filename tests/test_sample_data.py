@@ -1,0 +1,61 @@
+"""The built-in sample videos: made by the CLI, accepted by ingest with their captions, and showing real faces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.sample_data import CAPTIONS, main
+from schemas.config import CurateConfig
+from tasks.base import WorkDir
+from tasks.ingest import discover, ingest_batch
+from tasks.keyframes import sample_frames
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("samples")
+    main([str(out), "--bad"])
+    return out
+
+
+def test_cli_writes_samples_and_bad_files(out_dir, capsys):
+    names = sorted(p.name for p in out_dir.iterdir() if p.is_file())
+    assert names == sorted(f"{n}.{ext}" for n in CAPTIONS for ext in ("mp4", "txt"))
+    bad = sorted(p.stem for p in (out_dir / "bad").iterdir())
+    assert bad == sorted(["empty", "truncated", "no_frames", "text", "audio_only", "one_frame", "uhd_4k"])
+    assert not list(out_dir.rglob(".*"))  # no temporary files left behind
+
+
+def test_samples_pass_ingest_with_their_captions(out_dir, tmp_path):
+    cfg = CurateConfig()
+    uris = discover(str(out_dir / "*.mp4"), cfg.ingest.extensions)  # not bad/, which the --bad run added
+    records, failures = ingest_batch(uris, cfg, WorkDir(tmp_path))
+    assert failures == []
+    by_name = {Path(r.uri).stem: r for r in records}
+    assert set(by_name) == set(CAPTIONS)
+    for name, rec in by_name.items():
+        assert rec.sidecar_caption == CAPTIONS[name]
+        assert (rec.fps, rec.num_frames, rec.duration_s, rec.codec) == (16.0, 48, 3.0, "h264")
+        assert rec.height == 360 and rec.width in (480, 640)
+
+
+def test_samples_show_faces(out_dir):
+    """The videos really contain people: OpenCV's Haar face detector (weights ship with opencv) finds them."""
+    cv2 = pytest.importorskip("cv2")
+    if not hasattr(cv2, "CascadeClassifier"):
+        pytest.skip("OpenCV 5 dropped CascadeClassifier")
+    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+
+    def faces(name: str) -> list:
+        (image,) = sample_frames(str(out_dir / f"{name}.mp4"), [1.5])
+        grey = np.asarray(image.convert("L"))
+        return list(cascade.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24)))
+
+    assert len(faces("group_pan")) >= 3  # six people; the tilted heads escape a frontal-face cascade
+    assert len(faces("astronaut_zoom")) == 1
+    two = faces("two_people")
+    # The laughing man faces the camera on the right; the woman on the left looks down at her cards.
+    assert len(two) >= 1 and all(x > 320 for x, _, _, _ in two)
