@@ -56,6 +56,11 @@ class PersonConfig(Section):
     min_score: float = 0.4
     min_height_frac: float = Field(0.1, description="persons shorter than this fraction of the frame are ignored")
     match_iou: float = Field(0.3, description="min IoU to link a person across keyframes (plus face similarity)")
+    require_person: bool = Field(
+        True,
+        description="fail a video with no detected person (no_person); turn off when faces.persons_from_faces "
+        "stands in for a person detector that misses seated or cropped people (offline profile)",
+    )
 
 
 class FaceConfig(Section):
@@ -66,6 +71,11 @@ class FaceConfig(Section):
     min_frontalness: float = 0.4
     person_margin: float = Field(0.05, description="grow the person box by this fraction before face search")
     crop_margin: float = Field(0.15, description="grow the face box by this fraction for the saved crop")
+    persons_from_faces: bool = Field(
+        False,
+        description="also search the whole keyframe for faces; a face outside every person box becomes a person "
+        "(box extrapolated from the face, source 'face'). For weak person detectors (offline profile)",
+    )
 
 
 class ClipConfig(Section):
@@ -105,6 +115,34 @@ class SelectConfig(Section):
     seed_salt: str = Field("", description="mixed into the per-video seed; change it to draw other keyframes")
 
 
+class MasksConfig(Section):
+    """GroundingDINO turns entity phrases into boxes, SAM turns boxes into masks, `check_mask` filters them."""
+
+    grounder: ModelSpec = ModelSpec(backend="grounding-dino", weights="IDEA-Research/grounding-dino-base")
+    segmenter: ModelSpec = ModelSpec(backend="sam", weights="sam_vit_h_4b8939.pth")
+    min_area_frac: float = Field(0.02, description="mask area / prompt-box area below this: 'too small'")
+    max_area_frac: float = Field(1.5, description="mask area / prompt-box area above this: 'too large'")
+    min_inside_frac: float = Field(0.8, description="share of the mask inside its prompt box, else 'outside box'")
+    min_largest_component_frac: float = Field(
+        0.6, description="share of the mask in its largest connected piece, else 'fragmented'"
+    )
+
+
+class BackgroundConfig(Section):
+    """FLUX Fill repaints persons and objects out of the background's keyframe; a person detector checks it."""
+
+    model: ModelSpec = ModelSpec(
+        backend="flux-fill", weights="black-forest-labs/FLUX.1-Fill-dev", dtype="bfloat16", batch_size=4
+    )
+    dilate_frac: float = Field(
+        0.015, ge=0.0, description="grow the foreground mask by this fraction of the frame's longer side"
+    )
+    max_retries: int = Field(
+        2, ge=0, description="new seeds for a plate on which the person detector still finds someone"
+    )
+    seed: int = Field(0, description="base of the per-video inpainting seeds")
+
+
 class CurateConfig(Section):
     profile: str = "paper"
     ingest: IngestConfig = IngestConfig()
@@ -115,19 +153,29 @@ class CurateConfig(Section):
     clip: ClipConfig = ClipConfig()
     shards: ShardConfig = ShardConfig()
     run: RunConfig = RunConfig()
+    subjects: bool = Field(
+        False,
+        description="subject-consistent curation: run entities, masks and background and write v2 samples "
+        "(faces + attributes + objects + background plate); off = identity-only v1 samples",
+    )
     entities: EntitiesConfig = EntitiesConfig()
     select: SelectConfig = SelectConfig()
-    # Sections of later stages (entities, masks, background, select) are added by their issues.
+    masks: MasksConfig = MasksConfig()
+    background: BackgroundConfig = BackgroundConfig()
     extra: dict[str, Any] = Field(default_factory=dict)
 
     def random_weight_stages(self) -> list[str]:
         """Stages whose model is a test build: their outputs are not data."""
-        out = []
-        for name in ("caption", "persons", "faces"):
-            spec = getattr(self, name).model
-            if spec.random_init:
-                out.append(name)
-        return out
+        specs: dict[str, list[ModelSpec]] = {
+            "caption": [self.caption.model],
+            "persons": [self.persons.model],
+            "faces": [self.faces.model],
+        }
+        if self.subjects:
+            specs["entities"] = [self.entities.model]
+            specs["masks"] = [self.masks.grounder, self.masks.segmenter]
+            specs["background"] = [self.background.model]
+        return [name for name, stage_specs in specs.items() if any(s.random_init for s in stage_specs)]
 
 
 def _deep_merge(base: dict, override: dict) -> dict:

@@ -172,6 +172,9 @@ class Person(Record):
     person_id: int
     boxes: dict[int, Box] = Field(description="keyframe index -> person box")
     scores: dict[int, float]
+    source: Literal["detector", "face"] = Field(
+        "detector", description="'face': no person detection; box extrapolated from a face found outside them"
+    )
     face: FaceDetection | None = None
     face_path: str | None = Field(None, description="bounding-box face crop, relative to the work directory")
     no_face_reason: str | None = None
