@@ -1,10 +1,11 @@
 """Relational attention kernels and the diffusers attention processor that applies them inside Wan blocks.
 
 diffusers' ``WanTransformerBlock`` calls its attentions with ``attention_mask=None`` hard-coded, so the CSAM
-mask and the MCAM templates cannot travel as arguments. ``RelationalWanTransformer.forward`` instead activates a :class:`RelationalContext` for the
-duration of each block call (a :class:`contextvars.ContextVar`: per thread, nestable, and re-activated when
-gradient checkpointing recomputes the block during backward). :class:`RelationalAttnProcessor` reads it; with
-no active context it is exactly diffusers' :class:`WanAttnProcessor`.
+mask and the MCAM templates cannot travel as arguments. ``RelationalWanTransformer.forward`` instead
+activates a :class:`RelationalContext` for the duration of each block call (a :class:`contextvars.ContextVar`:
+per thread, nestable, and re-activated when gradient checkpointing recomputes the block during backward).
+:class:`RelationalAttnProcessor` reads it; with no active context it is exactly diffusers'
+:class:`WanAttnProcessor`.
 
 Two kernel families, same maths (checked against each other and a loop reference in the tests):
 
@@ -35,7 +36,7 @@ from .masks import mcam_bias_paper
 Backend = Literal["dense", "flex"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compare by identity
 class RelationalContext:
     """Everything the attention processors need for one forward pass of a batch.
 
@@ -80,6 +81,13 @@ def current_context() -> RelationalContext | None:
     return _ACTIVE.get()
 
 
+_FLEX_TILE = 128
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 @functools.cache
 def _flex_attention(compiled: bool):
     from torch.nn.attention.flex_attention import flex_attention
@@ -96,7 +104,7 @@ def _flex_attention(compiled: bool):
 def masked_self_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, *, backend: Backend, compiled: bool = True
 ) -> torch.Tensor:
-    """Self-attention under the CSAM: ``mask`` is a bool ``[B, 1, L, L]`` (dense) or a ``BlockMask`` (flex)."""
+    """Self-attention under the CSAM; ``mask``: bool ``[B, 1, L, L]`` (dense) or a ``BlockMask`` (flex)."""
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     if backend == "flex":
         out = _flex_attention(compiled)(q, k, v, block_mask=mask)
@@ -129,17 +137,25 @@ def mcam_cross_attention(
     hw = grid_hw[0] * grid_hw[1]
     if mode == "paper":
         bias = mcam_bias_paper(q, k, templates, grid_hw, ratio=ratio, pool=pool)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias
+        )
         return out.transpose(1, 2)
     if mode != "exact":
         raise ValueError(f"unknown MCAM mode {mode!r}")
     templates = templates.to(device=q.device, dtype=torch.float32)
     if backend == "flex":
+        # Kernels run whole tiles; zero-pad the lookup so indices of the padded tail stay in bounds.
+        lq, ltxt = q.shape[1], templates.shape[-1]
+        rows = math.ceil(_round_up(lq, _FLEX_TILE) / hw)
+        lookup = F.pad(templates, (0, _round_up(ltxt, _FLEX_TILE) - ltxt, 0, rows - templates.shape[1]))
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score + ratio * score.abs() * templates[b, q_idx // hw, kv_idx]
+            return score + ratio * score.abs() * lookup[b, q_idx // hw, kv_idx]
 
-        out = _flex_attention(compiled)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod)
+        out = _flex_attention(compiled)(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod
+        )
         return out.transpose(1, 2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
     m = templates.repeat_interleave(hw, dim=1)[:, None]
@@ -178,7 +194,9 @@ class RelationalAttnProcessor(WanAttnProcessor):
         if ctx is None or (cross and ctx.templates is None):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if attn.add_k_proj is not None:
-            raise NotImplementedError("relational attention does not support Wan I2V image-context projections")
+            raise NotImplementedError(
+                "relational attention does not support Wan I2V image-context projections"
+            )
         if attention_mask is not None:
             raise ValueError("relational attention builds its own masks; attention_mask must be None")
 
@@ -196,12 +214,25 @@ class RelationalAttnProcessor(WanAttnProcessor):
         else:
             nv = ctx.num_video_tokens
             video = dispatch_attention_fn(
-                query[:, :nv], key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                query[:, :nv],
+                key,
+                value,
+                attn_mask=None,
+                dropout_p=0.0,
+                is_causal=False,
                 backend=self._attention_backend,
             )
             cond = mcam_cross_attention(
-                query[:, nv:], key, value, ctx.templates, ctx.grid_hw, ratio=ctx.mcam_ratio,
-                mode=ctx.mcam_mode, pool=ctx.mcam_pool, backend=ctx.backend, compiled=ctx.flex_compiled,
+                query[:, nv:],
+                key,
+                value,
+                ctx.templates,
+                ctx.grid_hw,
+                ratio=ctx.mcam_ratio,
+                mode=ctx.mcam_mode,
+                pool=ctx.mcam_pool,
+                backend=ctx.backend,
+                compiled=ctx.flex_compiled,
             )
             out = torch.cat([video, cond.type_as(video)], dim=1)
 

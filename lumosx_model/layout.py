@@ -75,7 +75,9 @@ class SampleLayout:
         for i, c in enumerate(conds):
             r = rank.get(c.kind, 2)
             if r < prev_rank:
-                raise LayoutError(f"condition {i} ({c.kind}) is out of canonical order: background, objects, groups")
+                raise LayoutError(
+                    f"condition {i} ({c.kind}) is out of canonical order: background, objects, groups"
+                )
             if c.kind == "background" and prev_rank == 0:
                 raise LayoutError("at most one background condition per sample")
             if c.kind == "face":
@@ -135,8 +137,8 @@ class SampleLayout:
     def token_ranges(self, video_grid: tuple[int, int, int]) -> list[tuple[int, int]]:
         """Token ``[start, end)`` of every condition in the full sequence.
 
-        ``video_grid`` is the post-patch token grid (T, H', W') of the video; each condition is one latent frame
-        of H'×W' tokens placed after the T·H'·W' video tokens.
+        ``video_grid`` is the post-patch token grid (T, H', W') of the video; each condition is one latent
+        frame of H'×W' tokens placed after the T·H'·W' video tokens.
         """
         t, h, w = video_grid
         per = h * w

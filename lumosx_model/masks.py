@@ -20,7 +20,7 @@ PAD = -2
 """Segment id of padding tokens (empty condition slots, or tail padding up to ``seq_len``)."""
 
 
-# --------------------------------------------------------------------------------------------------------- CSAM
+# ---------------------------------------------------------------------------------------------------- CSAM
 
 
 def token_segments(
@@ -42,7 +42,7 @@ def token_segments(
     seg = torch.full((len(layouts), seq_len), PAD, dtype=torch.long)
     seg[:, :num_video] = VIDEO
     for b, layout in enumerate(layouts):
-        for (start, end), block in zip(layout.token_ranges(video_grid), layout.block_ids()):
+        for (start, end), block in zip(layout.token_ranges(video_grid), layout.block_ids(), strict=True):
             seg[b, start:end] = block
     return seg
 
@@ -101,12 +101,18 @@ def csam_block_mask(
         return _allowed(seg[b, q_idx], seg[b, kv_idx], q_idx, kv_idx, csam)
 
     return create_block_mask(
-        mask_mod, len(layouts), None, seq_len, seq_len, device=device, BLOCK_SIZE=block_size,
+        mask_mod,
+        len(layouts),
+        None,
+        seq_len,
+        seq_len,
+        device=device,
+        BLOCK_SIZE=block_size,
         _compile=device.type == "cuda",
     )
 
 
-# --------------------------------------------------------------------------------------------------------- MCAM
+# ---------------------------------------------------------------------------------------------------- MCAM
 
 
 def word_mask(prompt_ids: Sequence[int], label_ids: Sequence[int]) -> torch.Tensor:
@@ -149,11 +155,12 @@ def mcam_template(
         raise ValueError(f"got {len(label_ids)} label token lists for a layout of {len(layout)} conditions")
     n_txt = len(prompt_ids)
     masks = [
-        torch.zeros(n_txt, dtype=torch.bool) if ids is None else word_mask(prompt_ids, ids) for ids in label_ids
+        torch.zeros(n_txt, dtype=torch.bool) if ids is None else word_mask(prompt_ids, ids)
+        for ids in label_ids
     ]
     groups = layout.num_groups
     union = torch.zeros(groups, n_txt, dtype=torch.bool)
-    for cond, m in zip(layout.conditions, masks):
+    for cond, m in zip(layout.conditions, masks, strict=True):
         if cond.group >= 0:
             union[cond.group] |= m
     union_f = union.float()
@@ -162,15 +169,18 @@ def mcam_template(
         group_rows = union_f - others
     else:
         group_rows = union_f
-    rows = [group_rows[c.group] if c.group >= 0 else m.float() for c, m in zip(layout.conditions, masks)]
+    rows = [
+        group_rows[c.group] if c.group >= 0 else m.float()
+        for c, m in zip(layout.conditions, masks, strict=True)
+    ]
     return torch.stack(rows) if rows else torch.zeros(0, n_txt)
 
 
 def pad_templates(templates: Sequence[torch.Tensor], num_slots: int, text_len: int) -> torch.Tensor:
-    """Stack per-sample templates ``[N_b, len(prompt_b)]`` into ``[B, num_slots, text_len]`` with zero padding.
+    """Stack per-sample templates ``[N_b, len(prompt_b)]`` into zero-padded ``[B, num_slots, text_len]``.
 
-    ``text_len`` is the length of the text-encoder sequence the model sees (512 for Wan's UMT5 context); prompt
-    tokens beyond it are cut, as the text encoder cuts them.
+    ``text_len`` is the length of the text-encoder sequence the model sees (512 for Wan's UMT5 context);
+    prompt tokens beyond it are cut, as the text encoder cuts them.
     """
     out = torch.zeros(len(templates), num_slots, text_len)
     for b, tmpl in enumerate(templates):

@@ -17,7 +17,9 @@ def _grid(t: int | torch.Tensor, h: int, w: int, h_shift: int = 0, w_shift: int 
     return torch.stack([tt, hh + h_shift, ww + w_shift], dim=-1).reshape(-1, 3)
 
 
-def r2pe_positions(layout: SampleLayout, video_grid: tuple[int, int, int], *, r2pe: bool = True) -> torch.Tensor:
+def r2pe_positions(
+    layout: SampleLayout, video_grid: tuple[int, int, int], *, r2pe: bool = True
+) -> torch.Tensor:
     """(t, h, w) rotary position of every token of one sample: video first, then each condition in order.
 
     R2PE (SPEC §2): background/object ``k`` sits at time ``T + k``; every image of subject group ``g`` shares
@@ -65,8 +67,8 @@ def gather_rotary(rope: WanRotaryPosEmbed, positions: torch.Tensor) -> tuple[tor
     """Wan's rotary (cos, sin) at arbitrary integer ``positions`` ``[..., L, 3]``.
 
     Uses the module's own tables (split t/h/w like :meth:`WanRotaryPosEmbed.forward`), so gathering at the
-    video grid reproduces the built-in embedding bit for bit. Returns tensors shaped ``[B, L, 1, D]`` (``B = 1``
-    for an unbatched ``[L, 3]`` input), which broadcast over heads inside Wan's attention processor.
+    video grid reproduces the built-in embedding bit for bit. Returns tensors shaped ``[B, L, 1, D]``
+    (``B = 1`` for an unbatched ``[L, 3]`` input), which broadcast over heads in Wan's attention processor.
 
     Raises:
         ValueError: a position is negative or beyond the tables (``rope_max_seq_len``).
@@ -74,7 +76,9 @@ def gather_rotary(rope: WanRotaryPosEmbed, positions: torch.Tensor) -> tuple[tor
     if positions.ndim == 2:
         positions = positions[None]
     if positions.shape[-1] != 3:
-        raise ValueError(f"positions must end with a (t, h, w) axis of size 3, got shape {tuple(positions.shape)}")
+        raise ValueError(
+            f"positions must end with a (t, h, w) axis of size 3, got shape {tuple(positions.shape)}"
+        )
     if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= rope.max_seq_len):
         raise ValueError(
             f"rotary positions must lie in [0, {rope.max_seq_len}); got max {int(positions.max())}. "

@@ -23,8 +23,8 @@ class RelationalConfig:
             queries (released LumosX code); ``"exact"`` uses the exact logit of every query/text-key pair.
         mcam_pool: pooling window of the paper approximation, in latent tokens.
         backend: ``"dense"`` (SDPA with an explicit bool mask / float bias; differentiable everywhere),
-            ``"flex"`` (FlexAttention block mask + score_mod; fused and sparse on CUDA, but its backward raises
-            on CPU) or ``"auto"`` (flex on CUDA, dense elsewhere).
+            ``"flex"`` (FlexAttention block mask + score_mod; fused and sparse on CUDA, but its backward
+            raises on CPU) or ``"auto"`` (flex on CUDA, dense elsewhere).
     """
 
     r2pe: bool = True
