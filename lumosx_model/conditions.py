@@ -11,8 +11,8 @@ Sources of conditions:
   cut-out instead of its face + attributes group with probability ``whole_person_prob``;
 - official case folders (:mod:`schemas.official_case`) at inference.
 
-Ordering is always canonical (background, objects, then per group face and attributes), so tensors, layouts and
-MCAM templates line up index by index.
+Ordering is always canonical (background, objects, then per group face and attributes), so tensors, layouts
+and MCAM templates line up index by index.
 """
 
 from __future__ import annotations
@@ -92,20 +92,38 @@ class ConditionAugment:
     def __init__(self, cfg: AugmentConfig, canvas: tuple[int, int]) -> None:
         self.cfg = cfg
         self.canvas = canvas
-        affine = v2.RandomApply([v2.RandomAffine(
-            degrees=cfg.affine_degrees, shear=(-cfg.affine_shear, cfg.affine_shear, -cfg.affine_shear,
-                                               cfg.affine_shear), fill=255)], p=cfg.affine_p)
-        contrast = v2.RandomApply([v2.ColorJitter(contrast=cfg.contrast_saturation,
-                                                  saturation=cfg.contrast_saturation)], p=cfg.contrast_saturation_p)
+        affine = v2.RandomApply(
+            [
+                v2.RandomAffine(
+                    degrees=cfg.affine_degrees,
+                    shear=(-cfg.affine_shear, cfg.affine_shear, -cfg.affine_shear, cfg.affine_shear),
+                    fill=255,
+                )
+            ],
+            p=cfg.affine_p,
+        )
+        contrast = v2.RandomApply(
+            [v2.ColorJitter(contrast=cfg.contrast_saturation, saturation=cfg.contrast_saturation)],
+            p=cfg.contrast_saturation_p,
+        )
         blur = v2.RandomApply([v2.GaussianBlur(kernel_size=3, sigma=cfg.blur_sigma)], p=cfg.blur_p)
-        self._foreground = v2.Compose([
-            affine,
-            v2.RandomApply([v2.ColorJitter(brightness=cfg.brightness)], p=cfg.brightness_p),
-            contrast, v2.RandomHorizontalFlip(p=cfg.hflip_p), blur])
-        self._background = v2.Compose([
-            affine,
-            v2.RandomApply([v2.ColorJitter(brightness=cfg.brightness)], p=cfg.background_brightness_p),
-            contrast, blur])
+        self._foreground = v2.Compose(
+            [
+                affine,
+                v2.RandomApply([v2.ColorJitter(brightness=cfg.brightness)], p=cfg.brightness_p),
+                contrast,
+                v2.RandomHorizontalFlip(p=cfg.hflip_p),
+                blur,
+            ]
+        )
+        self._background = v2.Compose(
+            [
+                affine,
+                v2.RandomApply([v2.ColorJitter(brightness=cfg.brightness)], p=cfg.background_brightness_p),
+                contrast,
+                blur,
+            ]
+        )
 
     def _fit_and_crop(self, image: Image.Image) -> Image.Image:
         w, h = fit_size(image.size, self.canvas)
@@ -147,7 +165,7 @@ def condition_pixels(
         if augment is None:
             images.append(fit_on_white(ci.image, canvas))
         else:
-            images.append(augment(ci.image, ci.condition.kind, seed=_mix(seed, i)))
+            images.append(augment(ci.image, ci.condition.kind, seed=mix_seed(seed, i)))
     return torch.stack([to_model_range(im) for im in images])
 
 
@@ -186,9 +204,9 @@ def conditions_from_meta(
     """The conditions of one curated shard sample, in canonical order, with the train-time random choices.
 
     ``members`` maps member names of the sample (``"face_0.png"``) to their bytes. Persons beyond
-    ``max_subjects`` and attributes beyond ``max_attributes`` are dropped at random (order kept). A person with
-    a whole-person cut-out is given as that single image (a group of one ``face``-kind condition labelled with
-    the person's phrase) with probability ``whole_person_prob``.
+    ``max_subjects`` and attributes beyond ``max_attributes`` are dropped at random (order kept). A person
+    with a whole-person cut-out is given as that single image (a group of one ``face``-kind condition
+    labelled with the person's phrase) with probability ``whole_person_prob``.
     """
     persons = meta.get("persons") or []
     if not isinstance(persons, list):
@@ -200,12 +218,20 @@ def conditions_from_meta(
     out: list[ConditionImage] = []
     background = meta.get("background")
     if use_background and background:
-        out.append(ConditionImage(Condition("background", background.get("label")),
-                                  load_rgb(_member(members, background.get("image"), "background"))))
+        out.append(
+            ConditionImage(
+                Condition("background", background.get("label")),
+                load_rgb(_member(members, background.get("image"), "background")),
+            )
+        )
     if use_objects:
         for obj in meta.get("objects") or []:
-            out.append(ConditionImage(Condition("object", obj.get("label")),
-                                      load_rgb(_member(members, obj.get("image"), "object"))))
+            out.append(
+                ConditionImage(
+                    Condition("object", obj.get("label")),
+                    load_rgb(_member(members, obj.get("image"), "object")),
+                )
+            )
     for group, person in enumerate(persons):
         label = person.get("label")
         whole = person.get("whole")
@@ -213,7 +239,9 @@ def conditions_from_meta(
         # Draw for every person (even without a whole image) so the random stream does not depend on it.
         use_whole = rng.random() < whole_person_prob
         if whole and (use_whole or not face):
-            out.append(ConditionImage(Condition("face", label, group), load_rgb(_member(members, whole, "whole"))))
+            out.append(
+                ConditionImage(Condition("face", label, group), load_rgb(_member(members, whole, "whole")))
+            )
             continue
         if not face:
             raise SampleFormatError(f"person {person.get('person_id')} has neither face nor whole image")
@@ -223,8 +251,12 @@ def conditions_from_meta(
             keep = sorted(rng.sample(range(len(attributes)), max_attributes))
             attributes = [attributes[i] for i in keep]
         for attr in attributes:
-            out.append(ConditionImage(Condition("attribute", attr.get("label"), group),
-                                      load_rgb(_member(members, attr.get("image"), "attribute"))))
+            out.append(
+                ConditionImage(
+                    Condition("attribute", attr.get("label"), group),
+                    load_rgb(_member(members, attr.get("image"), "attribute")),
+                )
+            )
     layout_of(out)  # built in canonical order; fail loudly if that ever changes
     return out
 
@@ -235,12 +267,17 @@ def conditions_from_case(case: OfficialCase, *, identity_only: bool = False) -> 
         case = case.faces_only()
     out: list[ConditionImage] = []
     if case.background is not None:
-        out.append(ConditionImage(Condition("background", case.background.label),
-                                  load_rgb(case.background.read_bytes())))
+        out.append(
+            ConditionImage(
+                Condition("background", case.background.label), load_rgb(case.background.read_bytes())
+            )
+        )
     for obj in case.objects:
         out.append(ConditionImage(Condition("object", obj.label), load_rgb(obj.read_bytes())))
     for group, subject in enumerate(case.subjects):
-        out.append(ConditionImage(Condition("face", subject.face.label, group), load_rgb(subject.face.read_bytes())))
+        out.append(
+            ConditionImage(Condition("face", subject.face.label, group), load_rgb(subject.face.read_bytes()))
+        )
         for attr in subject.attributes:
             out.append(ConditionImage(Condition("attribute", attr.label, group), load_rgb(attr.read_bytes())))
     layout_of(out)  # built in canonical order; fail loudly if that ever changes
@@ -252,7 +289,7 @@ def layout_of(conditions: Sequence[ConditionImage]) -> SampleLayout:
     return SampleLayout(tuple(c.condition for c in conditions))
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed from integers (stable across processes, unlike hash())."""
     acc = 0x9E3779B97F4A7C15
     for v in values:

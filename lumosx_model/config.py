@@ -2,8 +2,8 @@
 
 Presets ship as YAML in ``lumosx_model/configs/``: ``tiny`` (random tiny models, CPU, for tests and smoke
 runs), ``paper_stage1`` / ``paper_stage2`` (the paper's two stages on Wan2.1-T2V-1.3B) and ``inference``.
-Values the paper does not publish (learning rate, batch size, training sigma shift, ...) are marked *design* in
-the field descriptions.
+Values the paper does not publish (learning rate, batch size, training sigma shift, ...) are marked *design*
+in the field descriptions.
 """
 
 from __future__ import annotations
@@ -44,9 +44,13 @@ class ModelConfig(_Strict):
     pretrained: str = Field(WAN_T2V_1_3B, description="Wan2.1 diffusers repo: hub id or local directory.")
     revision: str | None = None
     transformer_path: str | None = Field(
-        None, description="Directory with a trained transformer (a run's checkpoint or final dir); its "
-                          "'transformer/' subfolder (or the dir itself) replaces the pretrained one.")
-    tiny: bool = Field(False, description="Build tiny random-weight models of the same architectures (tests).")
+        None,
+        description="Directory with a trained transformer (a run's checkpoint or final dir); its "
+        "'transformer/' subfolder (or the dir itself) replaces the pretrained one.",
+    )
+    tiny: bool = Field(
+        False, description="Build tiny random-weight models of the same architectures (tests)."
+    )
     tiny_seed: int = 0
     text_len: int = Field(512, description="Prompt length in tokens (Wan: 512).")
     relational: RelationalSettings = Field(default_factory=RelationalSettings)
@@ -73,11 +77,15 @@ class AugmentConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    shards: list[str] = Field(description="Shard URLs / paths; brace patterns ('shard-{000000..000099}.tar') "
-                                          "and globs are expanded.")
-    buckets: list[tuple[int, int]] = Field(default_factory=lambda: [(480, 832)],
-                                           description="(height, width) buckets; each sample goes to the "
-                                                       "nearest aspect ratio, resized and center-cropped.")
+    shards: list[str] = Field(
+        description="Shard URLs / paths; brace patterns ('shard-{000000..000099}.tar') "
+        "and globs are expanded."
+    )
+    buckets: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(480, 832)],
+        description="(height, width) buckets; each sample goes to the "
+        "nearest aspect ratio, resized and center-cropped.",
+    )
     num_frames: int = 81
     fps: float = 16.0
     temporal_crop: Literal["random", "start", "center"] = "random"
@@ -85,18 +93,24 @@ class DataConfig(_Strict):
     num_workers: int = 4
     shard_shuffle: int = Field(100, description="Shard shuffle buffer (0 = keep order).")
     shuffle_buffer: int = Field(64, description="Sample shuffle buffer (0 = keep order).")
-    resampled: bool = Field(False, description="Draw shards with replacement (wds resampled mode) instead of "
-                                               "deterministic epochs split by node and worker.")
+    resampled: bool = Field(
+        False,
+        description="Draw shards with replacement (wds resampled mode) instead of "
+        "deterministic epochs split by node and worker.",
+    )
     min_persons: int = 0
-    max_persons: int | None = Field(None, description="Stage filter: 1 for the paper's single-subject stage 1.")
+    max_persons: int | None = Field(
+        None, description="Stage filter: 1 for the paper's single-subject stage 1."
+    )
     max_subjects: int = 3
     max_attributes: int = 3
     whole_person_prob: float = 0.3
     use_objects: bool = True
     use_background: bool = True
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    cache_dir: str | None = Field(None, description="Cache of video latents and text embeddings "
-                                                    "(filled by `lumosx-train cache`).")
+    cache_dir: str | None = Field(
+        None, description="Cache of video latents and text embeddings (filled by `lumosx-train cache`)."
+    )
 
     @field_validator("num_frames")
     @classmethod
@@ -112,13 +126,17 @@ class DataConfig(_Strict):
             raise ValueError("at least one bucket is needed")
         for h, w in buckets:
             if h % 16 or w % 16:
-                raise ValueError(f"bucket {h}x{w}: height and width must be multiples of 16 (VAE 8 x patch 2)")
+                raise ValueError(
+                    f"bucket {h}x{w}: height and width must be multiples of 16 (VAE 8 x patch 2)"
+                )
         return buckets
 
     @model_validator(mode="after")
     def _cache_needs_fixed_clip(self) -> DataConfig:
         if self.cache_dir is not None and self.temporal_crop == "random":
-            raise ValueError("cached video latents fix the clip: use temporal_crop 'start' or 'center' with cache_dir")
+            raise ValueError(
+                "cached video latents fix the clip: use temporal_crop 'start' or 'center' with cache_dir"
+            )
         if self.max_persons is not None and self.max_persons < self.min_persons:
             raise ValueError("max_persons < min_persons")
         return self
@@ -147,16 +165,17 @@ class TrainConfig(_Strict):
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 10
-    resume_from: str | None = Field("latest", description="'latest' (in output_dir, if any), a checkpoint "
-                                                          "dir, or null.")
+    resume_from: str | None = Field(
+        "latest", description="'latest' (in output_dir, if any), a checkpoint dir, or null."
+    )
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> TrainConfig:
-        return cls.model_validate(_read_yaml(path))
+        return cls.model_validate(read_yaml(path))
 
     @classmethod
     def preset(cls, name: str, **overrides) -> TrainConfig:
-        return cls.model_validate(_deep_update(_read_yaml(preset_path(name)), overrides))
+        return cls.model_validate(deep_update(read_yaml(preset_path(name)), overrides))
 
     def to_yaml(self, path: str | os.PathLike[str]) -> None:
         Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
@@ -187,11 +206,11 @@ class InferenceConfig(_Strict):
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> InferenceConfig:
-        return cls.model_validate(_read_yaml(path))
+        return cls.model_validate(read_yaml(path))
 
     @classmethod
     def preset(cls, name: str, **overrides) -> InferenceConfig:
-        return cls.model_validate(_deep_update(_read_yaml(preset_path(name)), overrides))
+        return cls.model_validate(deep_update(read_yaml(preset_path(name)), overrides))
 
 
 def preset_path(name: str) -> Path:
@@ -201,16 +220,19 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def _read_yaml(path: str | os.PathLike[str]) -> dict:
+def read_yaml(path: str | os.PathLike[str]) -> dict:
     data = yaml.safe_load(Path(path).read_text())
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     return data
 
 
-def _deep_update(base: dict, overrides: dict) -> dict:
+def deep_update(base: dict, overrides: dict) -> dict:
     out = dict(base)
     for key, value in overrides.items():
-        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+        out[key] = (
+            deep_update(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
             else value
+        )
     return out

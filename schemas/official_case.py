@@ -8,8 +8,8 @@
 <case>/background/<background>.png      optional, at most one
 ```
 
-The authors' inference script parses this layout with a few rules that constrain the labels (they double as file
-names), so the record rejects labels their parser would misread:
+The authors' inference script parses this layout with a few rules that constrain the labels (they double as
+file names), so the record rejects labels their parser would misread:
 
 - the caption line is split at the first ``;`` -> a case id cannot contain ``;``;
 - any file in a subject folder whose name contains ``face`` is the face, ``face_`` is stripped -> an attribute
@@ -143,7 +143,9 @@ class OfficialCase(BaseModel):
     def _labels_verbatim(self) -> OfficialCase:
         for image in self.all_images():
             if not _appears_verbatim(image.label, self.caption):
-                raise ValueError(f"label {image.label!r} does not appear verbatim in the caption {self.caption!r}")
+                raise ValueError(
+                    f"label {image.label!r} does not appear verbatim in the caption {self.caption!r}"
+                )
         for image in [*self.objects, *([self.background] if self.background else [])]:
             if "." in image.label:
                 raise ValueError(
@@ -176,7 +178,8 @@ class OfficialCase(BaseModel):
 
 def _image_files(folder: Path) -> list[Path]:
     return sorted(
-        p for p in folder.iterdir()
+        p
+        for p in folder.iterdir()
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and _SKIPPED_MARKER not in p.name
     )
 
@@ -186,7 +189,7 @@ def _subject_sort_key(folder: Path) -> tuple[int, int | str]:
 
 
 def read_case(case_dir: str | os.PathLike[str]) -> OfficialCase:
-    """Read a case folder. Raises CaseFormatError for layout problems, pydantic.ValidationError for bad labels."""
+    """Read a case folder; CaseFormatError for layout problems, pydantic.ValidationError for bad labels."""
     root = Path(case_dir)
     caption_path = root / CAPTION_FILE
     if not caption_path.is_file():
@@ -205,12 +208,14 @@ def read_case(case_dir: str | os.PathLike[str]) -> OfficialCase:
             faces, attributes = [], []
             for path in _image_files(folder):
                 if "face" in path.name:
-                    label = path.stem[len(FACE_PREFIX):] if path.stem.startswith(FACE_PREFIX) else ""
+                    label = path.stem[len(FACE_PREFIX) :] if path.stem.startswith(FACE_PREFIX) else ""
                     faces.append(CaseImage(label=label, path=path))
                 else:
                     attributes.append(CaseImage(label=path.stem, path=path))
             if len(faces) != 1:
-                raise CaseFormatError(f"{folder}: expected exactly one face_<label> image, found {len(faces)}")
+                raise CaseFormatError(
+                    f"{folder}: expected exactly one face_<label> image, found {len(faces)}"
+                )
             subjects.append(CaseSubject(face=faces[0], attributes=attributes))
 
     objects: list[CaseImage] = []
@@ -221,13 +226,17 @@ def read_case(case_dir: str | os.PathLike[str]) -> OfficialCase:
     if (root / BACKGROUND_DIR).is_dir():
         backgrounds = _image_files(root / BACKGROUND_DIR)
         if len(backgrounds) > 1:
-            raise CaseFormatError(f"{root / BACKGROUND_DIR}: at most one background image, found {len(backgrounds)}")
+            raise CaseFormatError(
+                f"{root / BACKGROUND_DIR}: at most one background image, found {len(backgrounds)}"
+            )
         if backgrounds:
             background = CaseImage(label=backgrounds[0].stem, path=backgrounds[0])
 
     if not subjects and not objects and background is None:
         raise CaseFormatError(f"{root}: no condition images (subjects/, objects/ or background/)")
-    return OfficialCase(case_id=case_id, caption=caption, subjects=subjects, objects=objects, background=background)
+    return OfficialCase(
+        case_id=case_id, caption=caption, subjects=subjects, objects=objects, background=background
+    )
 
 
 def write_case(case: OfficialCase, case_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -243,7 +252,7 @@ def write_case(case: OfficialCase, case_dir: str | os.PathLike[str], *, overwrit
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         # No trailing newline: the authors' reader keeps it as part of the caption.
-        (staging / CAPTION_FILE).write_bytes(f"{case.case_id};{case.caption}".encode("utf-8"))
+        (staging / CAPTION_FILE).write_bytes(f"{case.case_id};{case.caption}".encode())
         for k, subject in enumerate(case.subjects, start=1):
             folder = staging / SUBJECTS_DIR / str(k)
             folder.mkdir(parents=True)
@@ -256,7 +265,9 @@ def write_case(case: OfficialCase, case_dir: str | os.PathLike[str], *, overwrit
                 (staging / OBJECTS_DIR / f"{obj.label}.png").write_bytes(obj.png_bytes())
         if case.background is not None:
             (staging / BACKGROUND_DIR).mkdir()
-            (staging / BACKGROUND_DIR / f"{case.background.label}.png").write_bytes(case.background.png_bytes())
+            (staging / BACKGROUND_DIR / f"{case.background.label}.png").write_bytes(
+                case.background.png_bytes()
+            )
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -17,8 +17,10 @@ from schemas.official_case import (
     write_case,
 )
 
-CAPTION = ("A man on the left in a white jacket talks to a woman in a red dress; they stand at a wooden "
-           "cutting board in a modern kitchen.")
+CAPTION = (
+    "A man on the left in a white jacket talks to a woman in a red dress; they stand at a wooden "
+    "cutting board in a modern kitchen."
+)
 
 
 def _png(color: tuple[int, int, int], size: tuple[int, int] = (12, 9)) -> bytes:
@@ -38,10 +40,14 @@ def _case() -> OfficialCase:
         case_id="case_007",
         caption=CAPTION,
         subjects=[
-            CaseSubject(face=CaseImage(label="man on the left", data=_png((200, 150, 120))),
-                        attributes=[CaseImage(label="white jacket", data=_png((250, 250, 250)))]),
-            CaseSubject(face=CaseImage(label="woman", data=_png((190, 140, 110))),
-                        attributes=[CaseImage(label="red dress", data=_jpeg((200, 0, 0)))]),
+            CaseSubject(
+                face=CaseImage(label="man on the left", data=_png((200, 150, 120))),
+                attributes=[CaseImage(label="white jacket", data=_png((250, 250, 250)))],
+            ),
+            CaseSubject(
+                face=CaseImage(label="woman", data=_png((190, 140, 110))),
+                attributes=[CaseImage(label="red dress", data=_jpeg((200, 0, 0)))],
+            ),
         ],
         objects=[CaseImage(label="wooden cutting board", data=_png((120, 80, 40)))],
         background=CaseImage(label="modern kitchen", data=_png((90, 90, 90), (32, 18))),
@@ -78,7 +84,8 @@ def test_round_trip(tmp_path):
     assert first.background is not None and first.background.label == "modern kitchen"
     second = read_case(write_case(first, tmp_path / "b"))
     assert second.model_dump(exclude={"subjects", "objects", "background"}) == first.model_dump(
-        exclude={"subjects", "objects", "background"})
+        exclude={"subjects", "objects", "background"}
+    )
     for a, b in zip(first.all_images(), second.all_images(), strict=True):
         assert a.label == b.label and a.read_bytes() == b.read_bytes()
     ident = first.faces_only()
@@ -86,20 +93,27 @@ def test_round_trip(tmp_path):
 
 
 def test_subject_folders_sorted_numerically_and_extra_files_ignored(tmp_path):
-    case = OfficialCase(case_id="c", caption=" ".join(f"p{i}" for i in range(11)),
-                        subjects=[CaseSubject(face=CaseImage(label=f"p{i}", data=_png((i, i, i))))
-                                  for i in range(11)])
+    case = OfficialCase(
+        case_id="c",
+        caption=" ".join(f"p{i}" for i in range(11)),
+        subjects=[CaseSubject(face=CaseImage(label=f"p{i}", data=_png((i, i, i)))) for i in range(11)],
+    )
     root = write_case(case, tmp_path / "c")
     (root / "subjects/1/fullfullbody_p0.png").write_bytes(_png((1, 2, 3)))  # skipped like the authors' reader
     assert [s.face.label for s in read_case(root).subjects] == [f"p{i}" for i in range(11)]
 
 
-@pytest.mark.parametrize("bad", [
-    dict(objects=[CaseImage(label="spoon", data=_png((0, 0, 0)))]),                 # not in caption
-    dict(objects=[CaseImage(label="man", data=_png((0, 0, 0)))],                    # only inside "woman"
-         caption="A woman cooks."),
-    dict(subjects=[CaseSubject(face=CaseImage(label="Man", data=_png((0, 0, 0))))]),  # case differs
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(objects=[CaseImage(label="spoon", data=_png((0, 0, 0)))]),  # not in caption
+        dict(
+            objects=[CaseImage(label="man", data=_png((0, 0, 0)))],  # only inside "woman"
+            caption="A woman cooks.",
+        ),
+        dict(subjects=[CaseSubject(face=CaseImage(label="Man", data=_png((0, 0, 0))))]),  # case differs
+    ],
+)
 def test_rejects_labels_not_verbatim(bad):
     fields = dict(case_id="x", caption="A man cooks.")
     fields.update(bad)
@@ -109,12 +123,19 @@ def test_rejects_labels_not_verbatim(bad):
 
 def test_rejects_labels_the_official_reader_would_misread():
     with pytest.raises(ValidationError, match="'face'"):
-        CaseSubject(face=CaseImage(label="man", data=b"x"), attributes=[CaseImage(label="face mask", data=b"x")])
+        CaseSubject(
+            face=CaseImage(label="man", data=b"x"), attributes=[CaseImage(label="face mask", data=b"x")]
+        )
     with pytest.raises(ValidationError, match="'.'"):
-        OfficialCase(case_id="x", caption="A man with a 2.5 kg bag.",
-                     objects=[CaseImage(label="2.5 kg bag", data=b"x")])
+        OfficialCase(
+            case_id="x",
+            caption="A man with a 2.5 kg bag.",
+            objects=[CaseImage(label="2.5 kg bag", data=b"x")],
+        )
     with pytest.raises(ValidationError, match="';'"):
-        OfficialCase(case_id="a;b", caption="A man.", subjects=[CaseSubject(face=CaseImage(label="man", data=b"x"))])
+        OfficialCase(
+            case_id="a;b", caption="A man.", subjects=[CaseSubject(face=CaseImage(label="man", data=b"x"))]
+        )
     with pytest.raises(ValidationError, match="file name"):
         CaseImage(label="a/b", data=b"x")
     with pytest.raises(ValidationError, match="exactly one"):
