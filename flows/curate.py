@@ -73,8 +73,7 @@ def stage_task(
     work = WorkDir(work_root)
     cls = next(c for c in stage_classes(config) if c.name == stage_name)
     stage = cls(config, work)
-    spec = getattr(getattr(config, stage_name, None), "model", None)
-    on_gpu = cls.uses_gpu and spec is not None and resolve_device(spec.device).startswith("cuda")
+    on_gpu = cls.uses_gpu and any(resolve_device(s.device).startswith("cuda") for s in stage.model_specs())
     if on_gpu and config.run.gpu_slot:
         # A global concurrency limit caps how many batches use the GPUs at once across all workers.
         from prefect.concurrency.sync import concurrency

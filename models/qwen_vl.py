@@ -56,7 +56,9 @@ QWEN_SPECIAL_TOKENS = (
 )
 # Pixel budgets of the test build: 28x28 to 56x56 per frame, i.e. 1 to 4 visual tokens. Keeps CPU tests fast.
 _TEST_MIN_PIXELS = 28 * 28
-_TEST_MAX_PIXELS = 56 * 56
+# qwen-vl-utils resizes list-of-frames videos with twice the merge factor (56 px steps): a budget below about
+# 2 x 56 x 56 x aspect rounds the short side of a wide frame down to 0. 160 x 160 keeps 16:9 frames valid.
+_TEST_MAX_PIXELS = 160 * 160
 
 
 # ------------------------------------------------------------------------------------ shared by chat VLMs

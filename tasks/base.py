@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 
+from models.base import ModelSpec
 from schemas.config import CurateConfig, fingerprint
 from schemas.records import FailureRecord, Record, VideoRecord
 
@@ -184,6 +185,12 @@ class Stage(ABC, Generic[R]):
 
     def fingerprint(self, upstream: dict[str, str]) -> str:
         return fingerprint(self.name, self.version, self.settings(), [upstream[r] for r in self.requires])
+
+    def model_specs(self) -> list[ModelSpec]:
+        """The models this stage runs (the flow uses them to decide whether a batch holds a GPU slot)."""
+        section = getattr(self.config, self.name, None)
+        spec = getattr(section, "model", None)
+        return [spec] if isinstance(spec, ModelSpec) else []
 
     def setup(self) -> None:
         """Load models. Called once per worker process before the first batch (adapters are cached)."""

@@ -18,7 +18,15 @@ def stage_classes(config: CurateConfig) -> list[type[Stage]]:
     from tasks.persons import PersonsStage
     from tasks.sample import SampleStage
 
-    return [KeyframesStage, CaptionStage, PersonsStage, FacesStage, SampleStage]
+    stages: list[type[Stage]] = [KeyframesStage, CaptionStage, PersonsStage, FacesStage]
+    if config.subjects:
+        # Subject-consistent curation (v2 samples): entity words -> masks -> keyframe selection + clean plate.
+        from tasks.background import BackgroundStage
+        from tasks.entities import EntitiesStage
+        from tasks.masks import MasksStage
+
+        stages += [EntitiesStage, MasksStage, BackgroundStage]
+    return [*stages, SampleStage]
 
 
 def ingest_fingerprint(config: CurateConfig) -> str:

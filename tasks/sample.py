@@ -1,4 +1,23 @@
-"""Assemble one identity-consistent sample per video: clip, caption, face crops and meta.json.
+"""Assemble one sample per video: clip, caption, condition images and meta.json.
+
+Two sample versions, chosen by `config.subjects`:
+
+- v1 (identity-consistent): clip, caption, one bounding-box face crop per person with a usable face,
+  `schemas.sample.SampleMeta`;
+- v2 (subject-consistent, SPEC section 1): per subject bound by the entities stage, its face crop, its
+  attribute cut-outs and a whole-person cut-out; the object cut-outs; the clean background plate; the masks
+  of every cut-out; `schemas.entities.SampleMetaV2` with the relation graph (which face, attributes, labels,
+  keyframes, boxes and scores belong to which person). Each entity's image comes from the keyframe the
+  background stage selected for it.
+
+v2 members (i = person id, j = attribute index in the entities answer, k = object index):
+    face_<i>.png        bounding-box face crop (the faces stage's crop, from the face's keyframe)
+    attr_<i>_<j>.png    attribute: SAM mask cut out on white, tightly cropped; attrmask_<i>_<j>.png its mask
+    person_<i>.png      whole person (person + attribute masks) on white; personmask_<i>.png its mask
+    object_<k>.png      object cut-out on white; objmask_<k>.png its mask
+    background.png      clean plate (absent when skipped or rejected; `background_status` says why)
+Masks are 1-bit PNGs of the same size as their cut-out (its alpha, in effect); the meta gives each cut-out's
+box in the source frame.
 
 The sample is written as a directory `work/samples/<key>/` whose file names are the WebDataset member names;
 it is built under a temporary name and renamed when complete, so the shard writer only ever sees whole samples.
@@ -9,11 +28,27 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
 
 from schemas.config import fingerprint
-from schemas.records import CaptionRecord, FacesRecord, KeyframesRecord, ModelInfo
+from schemas.entities import (
+    AttributeEntity,
+    BackgroundEntity,
+    EntitiesRecord,
+    ObjectEntity,
+    SampleMetaV2,
+    SubjectGroup,
+    VideoInfo,
+    dump_sample_meta,
+)
+from schemas.records import Box, CaptionRecord, FacesRecord, KeyframesRecord, ModelInfo, PersonsRecord
 from schemas.sample import (
     PersonWithoutFace,
     SampleKeyframe,
@@ -23,7 +58,13 @@ from schemas.sample import (
     SampleVideo,
 )
 from tasks.base import Stage, StageError, VideoContext
-from tasks.clip import write_clip
+from tasks.background import BackgroundRecord, face_key
+from tasks.clip import ClipInfo, write_clip
+from tasks.mask_ops import EmptyMaskError, cutout_on_white, foreground_union, mask_bbox, whole_person_cutout
+from tasks.masks import MaskFrame, MasksRecord, attribute_key, load_mask, object_key, person_key
+
+V1_REQUIRES = ("caption", "keyframes", "faces")
+SUBJECT_REQUIRES = ("entities", "masks", "background")
 
 
 def producer() -> str:
@@ -33,103 +74,367 @@ def producer() -> str:
         return "lumosx-curate (not installed)"
 
 
+def random_weight_stages(models: dict[str, ModelInfo]) -> list[str]:
+    """Stages (the part of a model key before '.') whose model had random test weights."""
+    return sorted({name.split(".")[0] for name, m in models.items() if m.random_weights})
+
+
 class SampleStage(Stage[SampleRecord]):
     name = "sample"
     version = "1"
     record_type = SampleRecord
-    requires = ("caption", "keyframes", "faces")
+    requires = V1_REQUIRES
+    """v1 upstreams; with `config.subjects` the fingerprint also covers SUBJECT_REQUIRES (see `upstreams`)."""
+
+    @property
+    def upstreams(self) -> tuple[str, ...]:
+        return V1_REQUIRES + SUBJECT_REQUIRES if self.config.subjects else V1_REQUIRES
 
     def settings(self):
-        return self.config.clip
+        if self.config.subjects:
+            return {"clip": self.config.clip.model_dump(mode="json"), "schema_version": 2}
+        return self.config.clip  # unchanged for v1: existing v1 samples are not redone
+
+    def fingerprint(self, upstream: dict[str, str]) -> str:
+        return fingerprint(self.name, self.version, self.settings(), [upstream[r] for r in self.upstreams])
 
     def process(self, videos: list[VideoContext]) -> dict[str, SampleRecord | StageError]:
         return {ctx.video_id: self._one(ctx) for ctx in videos}
 
-    def _one(self, ctx: VideoContext) -> SampleRecord:
-        caption = ctx.record("caption", CaptionRecord)
-        keyframes = ctx.record("keyframes", KeyframesRecord)
-        faces = ctx.record("faces", FacesRecord)
-        persons = faces.persons_with_face
-        if not persons:
-            raise StageError("no_face", "no person with a usable face")
-        key = ctx.video_id
+    @contextmanager
+    def _building(self, key: str) -> Iterator[Path]:
+        """A temporary sample directory, renamed to `samples/<key>` only when the block completes."""
         final = self.work.samples / key
         self.work.samples.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.work.samples))
         try:
-            clip = write_clip(ctx.video.uri, ctx.video, self.config.clip, tmp / "mp4")
-            (tmp / "caption.txt").write_text(caption.caption, encoding="utf-8")
-            sample_persons = []
-            for p in persons:
-                member = f"face_{p.person_id}.png"
-                shutil.copyfile(self.work.abs(p.face_path), tmp / member)
-                sample_persons.append(
-                    SamplePerson(
-                        person_id=p.person_id,
-                        face=member,
-                        face_keyframe=p.face.keyframe,
-                        face_box=p.face.box,
-                        face_score=p.face.score,
-                        face_quality=p.face.quality,
-                        boxes=p.boxes,
-                    )
-                )
-            models: dict[str, ModelInfo] = {"persons": self._persons_model(ctx), "faces": faces.model}
-            if caption.model is not None:
-                models["caption"] = caption.model
-            random_stages = sorted(s for s, m in models.items() if m.random_weights)
-            meta = SampleMeta(
-                key=key,
-                caption=caption.caption,
-                caption_source=caption.source,
-                video=SampleVideo(
-                    uri=ctx.video.uri,
-                    content_id=ctx.video.video_id,
-                    fps=ctx.video.fps,
-                    width=ctx.video.width,
-                    height=ctx.video.height,
-                    duration_s=ctx.video.duration_s,
-                    num_frames=ctx.video.num_frames,
-                    clip_width=clip.width,
-                    clip_height=clip.height,
-                    clip_reencoded=clip.reencoded,
-                ),
-                keyframes=[
-                    SampleKeyframe(index=k.index, position=k.position, time_s=k.time_s, frame_index=k.frame_index)
-                    for k in keyframes.keyframes
-                ],
-                persons=sample_persons,
-                persons_without_face=[
-                    PersonWithoutFace(person_id=p.person_id, reason=p.no_face_reason or "no face")
-                    for p in faces.persons
-                    if not p.has_face
-                ],
-                models=models,
-                random_weights=bool(random_stages),
-                random_weight_stages=random_stages,
-                config_fingerprint=fingerprint(self.config),
-                stage_fingerprints={s: ctx.fingerprints[s] for s in sorted(ctx.fingerprints)},
-                producer=producer(),
-            )
-            (tmp / "meta.json").write_text(meta.model_dump_json(indent=1), encoding="utf-8")
-            members = sorted(p.name for p in tmp.iterdir())
-            num_bytes = sum((tmp / m).stat().st_size for m in members)
+            yield tmp
             if final.exists():  # an older version of this sample (different fingerprint)
                 shutil.rmtree(final)
             os.replace(tmp, final)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
+
+    def _one(self, ctx: VideoContext) -> SampleRecord:
+        caption = ctx.record("caption", CaptionRecord)
+        keyframes = ctx.record("keyframes", KeyframesRecord)
+        faces = ctx.record("faces", FacesRecord)
+        if not faces.persons_with_face:
+            raise StageError("no_face", "no person with a usable face")
+        key = ctx.video_id
+        with self._building(key) as tmp:
+            clip = write_clip(ctx.video.uri, ctx.video, self.config.clip, tmp / "mp4")
+            (tmp / "caption.txt").write_text(caption.caption, encoding="utf-8")
+            if self.config.subjects:
+                meta_v2 = _SubjectSample(self, ctx, tmp, caption, keyframes, faces, clip).build()
+                (tmp / "meta.json").write_bytes(dump_sample_meta(meta_v2))
+                num_faces = len(meta_v2.persons)
+            else:
+                meta = self._meta_v1(ctx, tmp, caption, keyframes, faces, clip)
+                (tmp / "meta.json").write_text(meta.model_dump_json(indent=1), encoding="utf-8")
+                num_faces = len(meta.persons)
+            members = sorted(p.name for p in tmp.iterdir())
+            num_bytes = sum((tmp / m).stat().st_size for m in members)
         return SampleRecord(
             key=key,
-            directory=self.work.rel(final),
+            directory=self.work.rel(self.work.samples / key),
             members=members,
             num_bytes=num_bytes,
             num_persons=len(faces.persons),
-            num_faces=len(persons),
+            num_faces=num_faces,
         )
 
-    def _persons_model(self, ctx: VideoContext) -> ModelInfo:
-        from schemas.records import PersonsRecord
+    def base_models(self, ctx: VideoContext, caption: CaptionRecord, faces: FacesRecord) -> dict[str, ModelInfo]:
+        models = {"persons": ctx.record("persons", PersonsRecord).model, "faces": faces.model}
+        if caption.model is not None:
+            models["caption"] = caption.model
+        return models
 
-        return ctx.record("persons", PersonsRecord).model
+    def _meta_v1(
+        self,
+        ctx: VideoContext,
+        tmp: Path,
+        caption: CaptionRecord,
+        keyframes: KeyframesRecord,
+        faces: FacesRecord,
+        clip: ClipInfo,
+    ) -> SampleMeta:
+        sample_persons = []
+        for p in faces.persons_with_face:
+            member = f"face_{p.person_id}.png"
+            shutil.copyfile(self.work.abs(p.face_path), tmp / member)
+            sample_persons.append(
+                SamplePerson(
+                    person_id=p.person_id,
+                    face=member,
+                    face_keyframe=p.face.keyframe,
+                    face_box=p.face.box,
+                    face_score=p.face.score,
+                    face_quality=p.face.quality,
+                    boxes=p.boxes,
+                )
+            )
+        models = self.base_models(ctx, caption, faces)
+        random_stages = random_weight_stages(models)
+        return SampleMeta(
+            key=ctx.video_id,
+            caption=caption.caption,
+            caption_source=caption.source,
+            video=SampleVideo(
+                uri=ctx.video.uri,
+                content_id=ctx.video.video_id,
+                fps=ctx.video.fps,
+                width=ctx.video.width,
+                height=ctx.video.height,
+                duration_s=ctx.video.duration_s,
+                num_frames=ctx.video.num_frames,
+                clip_width=clip.width,
+                clip_height=clip.height,
+                clip_reencoded=clip.reencoded,
+            ),
+            keyframes=sample_keyframes(keyframes),
+            persons=sample_persons,
+            persons_without_face=[
+                PersonWithoutFace(person_id=p.person_id, reason=p.no_face_reason or "no face")
+                for p in faces.persons
+                if not p.has_face
+            ],
+            models=models,
+            random_weights=bool(random_stages),
+            random_weight_stages=random_stages,
+            config_fingerprint=fingerprint(self.config),
+            stage_fingerprints={s: ctx.fingerprints[s] for s in sorted(ctx.fingerprints)},
+            producer=producer(),
+        )
+
+
+def sample_keyframes(keyframes: KeyframesRecord) -> list[SampleKeyframe]:
+    return [
+        SampleKeyframe(index=k.index, position=k.position, time_s=k.time_s, frame_index=k.frame_index)
+        for k in keyframes.keyframes
+    ]
+
+
+def tight_mask(mask: np.ndarray) -> tuple[np.ndarray, Box]:
+    """The mask cropped to its own box (the crop `cutout_on_white(pad=0)` makes) and that box in the frame."""
+    box = mask_bbox(mask)
+    if box is None:
+        raise EmptyMaskError("cannot crop an empty mask")
+    x0, y0, x1, y1 = (int(v) for v in box.as_tuple())
+    return mask[y0:y1, x0:x1], box
+
+
+class _SubjectSample:
+    """Writes the v2 members of one video into the sample directory and returns its meta."""
+
+    def __init__(
+        self,
+        stage: SampleStage,
+        ctx: VideoContext,
+        tmp: Path,
+        caption: CaptionRecord,
+        keyframes: KeyframesRecord,
+        faces: FacesRecord,
+        clip: ClipInfo,
+    ):
+        self.stage, self.work, self.ctx, self.tmp = stage, stage.work, ctx, tmp
+        self.caption, self.keyframes, self.faces, self.clip = caption, keyframes, faces, clip
+        self.entities = ctx.record("entities", EntitiesRecord)
+        self.masks = ctx.record("masks", MasksRecord)
+        self.background = ctx.record("background", BackgroundRecord)
+        self.selection = self.background.selection
+        self.dropped: list[dict[str, Any]] = []
+        self._frames: dict[int, np.ndarray] = {}
+
+    def frame(self, k: int) -> np.ndarray:
+        if k not in self._frames:
+            kf = next(kf for kf in self.keyframes.keyframes if kf.index == k)
+            with Image.open(self.work.abs(kf.path)) as im:
+                self._frames[k] = np.asarray(im.convert("RGB"))
+        return self._frames[k]
+
+    def _drop(self, key: str, label: str | None, reason: str) -> None:
+        self.dropped.append({"entity": key, "label": label, "reason": reason})
+
+    def _chosen(self, key: str, label: str | None) -> tuple[int, MaskFrame] | None:
+        """The selected keyframe of a masked entity and its mask frame, or None (recorded as dropped)."""
+        entity = self.masks.get(key)
+        k = self.selection.get(key)
+        if entity is None or k is None:
+            reasons = entity.reasons() if entity is not None else {}
+            why = "; ".join(f"keyframe {kf}: {r}" for kf, r in sorted(reasons.items())) or "not masked"
+            self._drop(key, label, f"no valid mask ({why})")
+            return None
+        frame = entity.frame(k)
+        if frame is None or not frame.ok:
+            raise StageError(
+                "inconsistent_records", f"{key}: keyframe {k} was selected but the masks record has no mask there"
+            )
+        return k, frame
+
+    def _write_cutout(
+        self, k: int, mask: np.ndarray, image_member: str, mask_member: str, parts: Sequence[np.ndarray] = ()
+    ) -> Box:
+        """Cut-out on white (with `parts`: a whole person) and its mask, both cropped to the mask's box."""
+        frame = self.frame(k)
+        if parts:
+            cut = whole_person_cutout(frame, mask, parts)
+            mask = foreground_union([mask, *parts], dilate_px=0)  # the region whole_person_cutout cut out
+        else:
+            cut = cutout_on_white(frame, mask)
+        cut.save(self.tmp / image_member, format="PNG")
+        cropped, box = tight_mask(mask)
+        Image.fromarray(cropped).save(self.tmp / mask_member, format="PNG")
+        return box
+
+    def build(self) -> SampleMetaV2:
+        persons = {p.person_id: p for p in self.faces.persons}
+        groups: list[SubjectGroup] = []
+        for subject in sorted(self.entities.answer.subjects, key=lambda s: s.person_id):
+            pid = subject.person_id
+            person = persons.get(pid)
+            if person is None or not person.has_face:
+                self._drop(face_key(pid), subject.noun, "the person has no usable face")
+                continue
+            face = f"face_{pid}.png"
+            shutil.copyfile(self.work.abs(person.face_path), self.tmp / face)  # type: ignore[arg-type]
+            attributes: list[AttributeEntity] = []
+            for j, attr in enumerate(subject.attributes):
+                key = attribute_key(pid, j)
+                chosen = self._chosen(key, attr.phrase)
+                if chosen is None:
+                    continue
+                k, mf = chosen
+                image, mask_member = f"attr_{pid}_{j}.png", f"attrmask_{pid}_{j}.png"
+                cut_box = self._write_cutout(k, load_mask(self.work, mf.mask), image, mask_member)
+                attributes.append(
+                    AttributeEntity(
+                        label=attr.phrase, kind=attr.kind, image=image, mask=mask_member, keyframe=k,
+                        box=mf.box, score=mf.score, mask_score=mf.mask_score, cutout_box=cut_box,
+                    )
+                )
+            whole = self._whole(pid, subject.noun, len(subject.attributes))
+            groups.append(
+                SubjectGroup(
+                    person_id=pid,
+                    label=subject.noun,
+                    face=face,
+                    face_keyframe=person.face.keyframe,  # type: ignore[union-attr]
+                    face_box=person.face.box,  # type: ignore[union-attr]
+                    face_score=person.face.score,  # type: ignore[union-attr]
+                    face_quality=person.face.quality,  # type: ignore[union-attr]
+                    attributes=attributes,
+                    boxes=person.boxes,
+                    scores=person.scores,
+                    **whole,
+                )
+            )
+        if not groups:
+            raise StageError("no_subject", "no subject bound by the entities stage has a usable face")
+        objects = self._objects()
+        background = self._background()
+        return self._meta(groups, objects, background)
+
+    def _whole(self, pid: int, noun: str, num_attributes: int) -> dict[str, Any]:
+        key = person_key(pid)
+        chosen = self._chosen(key, noun)
+        if chosen is None:
+            return {}
+        k, mf = chosen
+        # Attribute masks of the same keyframe join the person mask: accessories stick out of it.
+        parts = []
+        for j in range(num_attributes):
+            entity = self.masks.get(attribute_key(pid, j))
+            af = entity.frame(k) if entity is not None else None
+            if af is not None and af.ok:
+                parts.append(load_mask(self.work, af.mask))  # type: ignore[arg-type]
+        mask = load_mask(self.work, mf.mask)  # type: ignore[arg-type]
+        image, mask_member = f"person_{pid}.png", f"personmask_{pid}.png"
+        box = self._write_cutout(k, mask, image, mask_member, parts=parts)
+        return {"whole": image, "whole_mask": mask_member, "whole_keyframe": k, "whole_box": box}
+
+    def _objects(self) -> list[ObjectEntity]:
+        out = []
+        for j, phrase in enumerate(self.entities.answer.objects):
+            chosen = self._chosen(object_key(j), phrase)
+            if chosen is None:
+                continue
+            k, mf = chosen
+            image, mask_member = f"object_{j}.png", f"objmask_{j}.png"
+            mask = load_mask(self.work, mf.mask)  # type: ignore[arg-type]
+            cut_box = self._write_cutout(k, mask, image, mask_member)
+            out.append(
+                ObjectEntity(
+                    label=phrase, image=image, mask=mask_member, keyframe=k, box=mf.box, score=mf.score,
+                    mask_score=mf.mask_score, cutout_box=cut_box,
+                )
+            )
+        return out
+
+    def _background(self) -> BackgroundEntity | None:
+        bg = self.background
+        if bg.status != "ok" or bg.plate is None or bg.label is None:
+            return None
+        shutil.copyfile(self.work.abs(bg.plate), self.tmp / "background.png")
+        return BackgroundEntity(
+            label=bg.label, image="background.png", keyframe=bg.keyframe, seed=bg.attempts[-1].seed
+        )
+
+    def _meta(
+        self, groups: list[SubjectGroup], objects: list[ObjectEntity], background: BackgroundEntity | None
+    ) -> SampleMetaV2:
+        ctx, bg = self.ctx, self.background
+        models = self.stage.base_models(ctx, self.caption, self.faces)
+        models["entities"] = self.entities.model
+        models["masks.grounder"] = self.masks.grounder
+        models["masks.segmenter"] = self.masks.segmenter
+        if bg.inpainter is not None:
+            models["background.inpainter"] = bg.inpainter
+        if bg.plate_checker is not None:
+            models["background.plate_check"] = bg.plate_checker
+        random_stages = random_weight_stages(models)
+        bound = {g.person_id for g in groups}
+        return SampleMetaV2(
+            key=ctx.video_id,
+            caption=self.caption.caption,
+            caption_source=self.caption.source,
+            video=VideoInfo(
+                content_id=ctx.video.video_id,
+                uri=ctx.video.uri,
+                width=ctx.video.width,
+                height=ctx.video.height,
+                fps=ctx.video.fps,
+                duration_s=ctx.video.duration_s,
+                num_frames=ctx.video.num_frames,
+                clip_width=self.clip.width,
+                clip_height=self.clip.height,
+                clip_reencoded=self.clip.reencoded,
+            ),
+            keyframes=[k.model_dump(mode="json") for k in sample_keyframes(self.keyframes)],
+            persons=groups,
+            objects=objects,
+            background=background,
+            background_status={
+                "status": bg.status,
+                "reason": bg.reason,
+                "keyframe": bg.keyframe,
+                "flux_calls": bg.flux_calls,
+                "attempts": [a.model_dump(mode="json") for a in bg.attempts],
+            },
+            selection=dict(sorted(self.selection.items())),
+            selection_seed=bg.selection_seed,
+            dropped=self.dropped,
+            persons_without_face=[
+                {"person_id": p.person_id, "reason": p.no_face_reason or "no face"}
+                for p in self.faces.persons
+                if not p.has_face
+            ],
+            persons_unbound=sorted({p.person_id for p in self.faces.persons_with_face} - bound),
+            models=models,
+            random_weights=bool(random_stages),
+            random_weight_stages=random_stages,
+            config_fingerprint=fingerprint(self.stage.config),
+            stage_fingerprints={s: ctx.fingerprints[s] for s in sorted(ctx.fingerprints)},
+            producer=producer(),
+        )

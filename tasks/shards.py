@@ -22,7 +22,8 @@ import webdataset as wds
 
 from schemas.config import ShardConfig
 from schemas.records import FailureRecord
-from schemas.sample import FAILURES_SCHEMA, MANIFEST_SCHEMA, SampleMeta, ShardEntry, ShardIndex
+from schemas.entities import load_sample_meta
+from schemas.sample import FAILURES_SCHEMA, MANIFEST_SCHEMA, ShardEntry, ShardIndex
 from tasks.base import WorkDir, atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -163,19 +164,22 @@ def write_manifest(out_dir: Path, work: WorkDir) -> tuple[int, list[str]]:
     random_stages: set[str] = set()
     for entry in index.shards:
         for key in entry.keys:
-            meta = SampleMeta.model_validate_json((work.samples / key / "meta.json").read_text())
             sample_dir = work.samples / key
+            raw = json.loads((sample_dir / "meta.json").read_text())
+            meta = load_sample_meta(raw)  # the one reader of v1 and v2 sample metadata
+            extra = meta.model_extra or {}
             random_stages.update(meta.random_weight_stages)
+            unmatched = len(extra.get("persons_without_face") or []) + len(extra.get("persons_unbound") or [])
             rows.append(
                 {
                     "key": key,
                     "shard": entry.url,
-                    "schema_version": meta.schema_version,
+                    "schema_version": raw.get("schema_version", 1),
                     "video_id": meta.video.content_id,
                     "uri": meta.video.uri,
                     "caption": meta.caption,
-                    "caption_source": meta.caption_source,
-                    "num_persons": len(meta.persons) + len(meta.persons_without_face),
+                    "caption_source": extra.get("caption_source", "unknown"),
+                    "num_persons": len(meta.persons) + unmatched,
                     "num_faces": len(meta.persons),
                     "duration_s": meta.video.duration_s,
                     "fps": meta.video.fps,
@@ -183,7 +187,7 @@ def write_manifest(out_dir: Path, work: WorkDir) -> tuple[int, list[str]]:
                     "height": meta.video.height,
                     "num_bytes": sum(p.stat().st_size for p in sample_dir.iterdir()),
                     "random_weights": meta.random_weights,
-                    "config_fingerprint": meta.config_fingerprint,
+                    "config_fingerprint": meta.config_fingerprint or "",
                 }
             )
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)

@@ -1,0 +1,150 @@
+"""Background stage: per-entity keyframe selection, one FLUX generation per plate, plate check with retries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from subject_fixtures import FakeGrounder, FakePlateDetector, FakeSegmenter, ScriptedEntities, build_world
+
+from models.base import ModelSpec
+from models.inpainter import INPAINTERS
+from schemas.config import BackgroundConfig, CurateConfig, SelectConfig
+from schemas.records import FacesRecord, VideoRecord
+from tasks.background import (
+    BACKGROUND_KEY,
+    BackgroundRecord,
+    BackgroundStage,
+    entity_candidates,
+    select_entity_keyframes,
+)
+from tasks.base import VideoContext
+from tasks.entities import EntitiesStage
+from tasks.masks import MasksRecord, MasksStage
+from tasks.runner import run_stage_batch
+from tasks.select import all_from_one_keyframe
+
+CONFIG = CurateConfig(subjects=True, background=BackgroundConfig(max_retries=2, dilate_frac=0.01))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, sample_videos):
+    """Both scripted videos up to their masks record (object_0 of two_people is empty on keyframe 0)."""
+    w = build_world(tmp_path_factory.mktemp("background"), sample_videos, ("two_people", "astronaut_zoom"), CONFIG)
+    vids = sorted(w.ids.values())  # the batch order decides which frame is the segmenter's n-th
+    base = 3 * sorted(vids).index(w.ids["two_people"])
+    for stage in (
+        EntitiesStage(CONFIG, w.work, generator=ScriptedEntities()),
+        MasksStage(CONFIG, w.work, grounder=FakeGrounder(), segmenter=FakeSegmenter({(base, 5): "empty"})),
+    ):
+        w.fingerprints[stage.name] = stage.fingerprint(w.fingerprints)
+        out = run_stage_batch(stage, vids, w.fingerprints)
+        assert sorted(out.ok) == sorted(vids), out
+    return w
+
+
+class CountingPipe:
+    """Wraps the FluxFillPipeline: counts pipeline calls and the images generated."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.calls: list[int] = []
+
+    def __call__(self, **kwargs):
+        self.calls.append(len(kwargs["prompt"]))
+        return self.pipe(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    spec = ModelSpec(backend="flux-fill", random_init=True, device="cpu",
+                     options={"num_inference_steps": 2, "max_side": 64})
+    inpainter = INPAINTERS.build(spec)
+    inpainter.pipe = CountingPipe(inpainter.pipe)
+    return inpainter
+
+
+def _contexts(world, names):
+    return [
+        VideoContext(video=VideoRecord.model_validate(world.work.load("ingest", world.ids[n])["record"]),
+                     work=world.work, fingerprints=world.fingerprints)
+        for n in names
+    ]
+
+
+def _records(world, vid):
+    from schemas.entities import EntitiesRecord
+
+    load = world.work.load
+    return (EntitiesRecord.model_validate(load("entities", vid)["record"]),
+            FacesRecord.model_validate(load("faces", vid)["record"]),
+            MasksRecord.model_validate(load("masks", vid)["record"]))
+
+
+def test_selection_pins_faces_and_spreads_keyframes(world):
+    vid = world.ids["two_people"]
+    entities, faces, masks = _records(world, vid)
+    cands = entity_candidates(entities, faces, masks, [0, 1, 2])
+    assert cands["face_0"] == [1] and cands["face_1"] == [1]  # the faces stage's crop keyframe
+    assert cands["object_0"] == [1, 2]  # its mask was empty on keyframe 0
+    assert cands[BACKGROUND_KEY] == [0, 1, 2] and cands["person_0"] == [0, 1, 2]
+    draws = [select_entity_keyframes(cands, f"{vid}\x1f{salt}") for salt in range(20)]
+    for sel in draws:
+        assert set(sel) == set(cands)
+        assert all(sel[k] in cands[k] for k in sel)
+        assert not all_from_one_keyframe(sel)
+    assert draws[0] == select_entity_keyframes(cands, f"{vid}\x1f0")  # reproducible
+    assert len({tuple(sorted(d.items())) for d in draws}) > 1  # the salt draws other keyframes
+
+
+def test_one_flux_generation_per_plate_and_retry_when_a_person_remains(world, flux):
+    flux.pipe.calls.clear()
+    detector = FakePlateDetector(first_n=1)  # the first plate still "shows" a person
+    stage = BackgroundStage(CONFIG, world.work, inpainter=flux, plate_detector=detector)
+    out = stage.process(_contexts(world, ["two_people", "astronaut_zoom"]))
+    two, astro = out[world.ids["two_people"]], out[world.ids["astronaut_zoom"]]
+    assert isinstance(two, BackgroundRecord) and isinstance(astro, BackgroundRecord)
+
+    # The astronaut caption has no background phrase: skipped before any model call, selection still made.
+    assert astro.status == "skipped" and astro.flux_calls == 0 and "no background phrase" in astro.reason
+    assert astro.selection and BACKGROUND_KEY not in astro.selection
+
+    # two_people: rejected once by the plate check, accepted with the next seed.
+    assert two.status == "ok" and two.reason is None and two.label == "plain beige wall"
+    assert two.flux_calls == 2 and len(two.attempts) == 2
+    assert two.attempts[0].persons_found == 1 and two.attempts[1].persons_found == 0
+    assert two.attempts[0].seed != two.attempts[1].seed
+    assert flux.pipe.calls == [1, 1]  # only the background's keyframe is inpainted, once per attempt
+    assert two.keyframe == two.selection[BACKGROUND_KEY]
+    assert two.inpainter.random_weights and two.plate_checker.backend == "fake-plate-check"
+
+    plate = np.asarray(Image.open(world.work.abs(two.plate)))
+    fg = np.asarray(Image.open(world.work.abs(two.foreground_mask)).convert("L")) > 0
+    assert plate.shape == (360, 640, 3) and fg.shape == (360, 640)
+    # Both persons (and their surroundings) were repainted; outside the foreground the frame is untouched.
+    faces = FacesRecord.model_validate(world.work.load("faces", world.ids["two_people"])["record"])
+    for p in faces.persons:
+        cx, cy = (int(v) for v in p.boxes[two.keyframe].center)
+        assert fg[cy, cx]
+    frame = np.asarray(Image.open(world.work.abs(
+        world.work.load("keyframes", world.ids["two_people"])["record"]["keyframes"][two.keyframe]["path"])).convert("RGB"))
+    assert np.array_equal(plate[~fg], frame[~fg])
+
+
+def test_plate_rejected_after_max_retries(world, flux):
+    flux.pipe.calls.clear()
+    stage = BackgroundStage(CONFIG, world.work, inpainter=flux, plate_detector=FakePlateDetector(first_n=99))
+    rec = stage.process(_contexts(world, ["two_people"]))[world.ids["two_people"]]
+    assert rec.status == "rejected" and rec.plate is None
+    assert len(rec.attempts) == rec.flux_calls == CONFIG.background.max_retries + 1
+    assert "person on the plate after 3 attempt(s)" in rec.reason
+    assert len({a.seed for a in rec.attempts}) == 3
+
+
+def test_seed_salt_and_plate_check_are_in_the_fingerprint(world):
+    up = {"masks": "m", "entities": "e", "keyframes": "k", "faces": "f"}
+    base = BackgroundStage(CONFIG, world.work).fingerprint(up)
+    salted = CONFIG.model_copy(update={"select": SelectConfig(seed_salt="x")})
+    assert BackgroundStage(salted, world.work).fingerprint(up) != base
+    stricter = CONFIG.model_copy(update={"persons": CONFIG.persons.model_copy(update={"min_score": 0.9})})
+    assert BackgroundStage(stricter, world.work).fingerprint(up) != base
