@@ -6,8 +6,10 @@ This is the only place that knows about resume and failure rows; stages stay pla
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
+from contextlib import ExitStack
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -37,6 +39,23 @@ class BatchOutcome:
         self.failed.update(other.failed)
         self.seconds += other.seconds
         self.processed += other.processed
+
+
+_MODEL_LOCKS: dict[str, threading.Lock] = {}
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def _model_locks(stage: Stage) -> list[threading.Lock]:
+    """One lock per model instance in this process, taken in a fixed order.
+
+    Batches are pipelined on a thread pool, so two batches can reach the same stage, or two stages the same
+    cached model (the background plate check reuses the person detector), at once. dlib, OpenCV's HOG and
+    most GPU models are not safe to call from two threads on one instance (seen: SIGSEGV in dlib), and a GPU
+    model gains nothing from it: calls to one model are serialized, different models still run side by side.
+    """
+    keys = sorted({spec.model_dump_json() for spec in stage.model_specs()})
+    with _MODEL_LOCKS_GUARD:
+        return [_MODEL_LOCKS.setdefault(k, threading.Lock()) for k in keys]
 
 
 def _load_video(work: WorkDir, video_id: str) -> VideoRecord:
@@ -73,10 +92,14 @@ def run_stage_batch(
     if not todo:
         return out
 
-    t0 = time.perf_counter()
-    stage.setup()
-    results = _process_isolated(stage, todo)
-    out.seconds = time.perf_counter() - t0
+    with ExitStack() as held:
+        for lock in _model_locks(stage):
+            held.enter_context(lock)
+        # Compute time starts once the models are ours: waiting for another batch is not this stage's work.
+        t0 = time.perf_counter()
+        stage.setup()
+        results = _process_isolated(stage, todo)
+        out.seconds = time.perf_counter() - t0
     out.processed = len(todo)
 
     for ctx in todo:

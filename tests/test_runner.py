@@ -108,3 +108,35 @@ def test_overrides_and_unknown_keys():
     assert cfg.faces.min_size_px == 48
     with pytest.raises(Exception):
         load_config("offline", {"faces": {"min_size": 48}})
+
+
+class ConcurrencyProbe(EchoStage):
+    """Records whether two batches were ever inside process() with the same model at once."""
+
+    name = "probe"
+    active = 0
+    overlap = False
+
+    def model_specs(self):
+        from models.base import ModelSpec
+
+        return [ModelSpec(backend="dlib")]
+
+    def process(self, videos):
+        import time as _time
+
+        ConcurrencyProbe.active += 1
+        ConcurrencyProbe.overlap |= ConcurrencyProbe.active > 1
+        _time.sleep(0.05)
+        ConcurrencyProbe.active -= 1
+        return super().process(videos)
+
+
+def test_batches_never_share_a_model_instance_concurrently(work: WorkDir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    stage = ConcurrencyProbe(CurateConfig(), work)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda v: run_stage_batch(stage, [v], {"probe": "fp"}), ["a", "b", "bad", "a"]))
+    assert not ConcurrencyProbe.overlap, "two threads ran the same model at once"
+    assert sum(len(o.ok) for o in outs) == 3
