@@ -16,28 +16,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lumosx_model.relational import RelationalConfig
+
 WAN_T2V_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class RelationalSettings(_Strict):
-    """Mirrors :class:`lumosx_model.relational.RelationalConfig` (the paper's ablation axes + kernel)."""
-
-    r2pe: bool = True
-    csam: bool = True
-    mcam: bool = True
-    mcam_ratio: float = 0.5
-    mcam_mode: Literal["paper", "exact"] = "paper"
-    mcam_pool: int = 8
-    backend: Literal["auto", "dense", "flex"] = "auto"
-
-    def build(self):
-        from lumosx_model.relational import RelationalConfig
-
-        return RelationalConfig(**self.model_dump())
 
 
 class ModelConfig(_Strict):
@@ -53,7 +38,7 @@ class ModelConfig(_Strict):
     )
     tiny_seed: int = 0
     text_len: int = Field(512, description="Prompt length in tokens (Wan: 512).")
-    relational: RelationalSettings = Field(default_factory=RelationalSettings)
+    relational: RelationalConfig = Field(default_factory=RelationalConfig)  # validated like a model
     gradient_checkpointing: bool = True
 
 

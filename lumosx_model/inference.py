@@ -52,7 +52,7 @@ class LumosXGenerator:
             raise RuntimeError("device 'cuda' requested but CUDA is not available (set device: cpu)")
         encoders = load_encoders(cfg.model, device=device, dtype=dtype)
         transformer = load_transformer(cfg.model, torch_dtype=dtype)
-        return cls(transformer, encoders, cfg.model.relational.build(), device=device, dtype=dtype)
+        return cls(transformer, encoders, cfg.model.relational, device=device, dtype=dtype)
 
     @torch.no_grad()
     def generate(

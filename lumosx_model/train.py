@@ -119,7 +119,7 @@ class Trainer:
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
 
         self.encoders = load_encoders(cfg.model, device=acc.device, dtype=weight_dtype)
-        self.relational = cfg.model.relational.build()
+        self.relational = cfg.model.relational
         model = load_transformer(
             cfg.model, torch_dtype=torch.float32
         )  # fp32 master weights; autocast does bf16

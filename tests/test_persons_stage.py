@@ -11,7 +11,11 @@ from schemas.records import PersonsRecord
 from tasks.base import StageError, WorkDir
 from tasks.persons import PersonsStage
 
-OFFLINE_PERSONS = {"model": {"backend": "opencv-hog", "device": "cpu", "batch_size": 2}, "min_score": 0.6}
+OFFLINE_PERSONS = {
+    "model": {"backend": "opencv-hog", "device": "cpu", "batch_size": 2},
+    "min_score": 0.6,
+    "require_person": True,  # the offline profile turns it off (faces stand in); these tests check the rule
+}
 
 
 def _stage(tmp_path, persons: dict, profile: str = "offline") -> PersonsStage:
