@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from models.base import resolve_device
@@ -140,7 +141,7 @@ def curate(
     limit: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Curate raw videos into LumosX training shards.
+    """Curate raw videos into LumosX training shards; returns the run report (also written to report.json).
 
     Args:
         input: a directory (searched recursively), a glob, or an fsspec URL of videos.
@@ -244,11 +245,13 @@ def curate(
         create_markdown_artifact(_report_markdown(report), key="curate-report", description="curate run report")
     except Exception as exc:  # noqa: BLE001 - the report is also on disk
         log.info("could not create the report artifact: %s", exc)
-    log.info(
-        "%d samples in %d shards; %d of %d videos failed (see failures.parquet)",
-        summary.total_samples, summary.total_shards, failed_videos, len(uris),
+    message = (
+        f"{summary.total_samples} samples in {summary.total_shards} shards; "
+        f"{failed_videos} of {len(uris)} videos failed (see failures.parquet)"
     )
-    return report
+    log.info(message)
+    # A failed video is data, not a crashed run: the state stays Completed and its message says how many.
+    return Completed(message=message, data=report)
 
 
 def _current_failures(
