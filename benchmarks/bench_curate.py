@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=16)
     parser.add_argument("--profile", default="offline")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="task-runner threads; 1 makes wall/compute a pure overhead ratio (no overlap)")
     args = parser.parse_args()
 
     from benchmarks.bench_keyframes import run as keyframe_bench
@@ -65,28 +67,41 @@ def main() -> None:
     kf = keyframe_bench()
     print(json.dumps(kf, indent=1))
 
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    flow = curate.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.threads))
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         base = make_sample_videos(tmp_path / "base")
-        videos = make_variants(base, args.videos, tmp_path / "videos")
-        t0 = time.perf_counter()
-        report = curate(
-            input=str(tmp_path / "videos"),
-            output=str(tmp_path / "out"),
-            profile=args.profile,
-            overrides={"run": {"batch_size": args.batch_size}},
-            progress=False,
-        )
-        outer = time.perf_counter() - t0
-    print(f"\n== curate, profile {args.profile}, {len(videos)} videos, batch {args.batch_size} ==")
+        videos = make_variants(base, args.videos + 1, tmp_path / "videos")
+        warm_dir = tmp_path / "warm"
+        warm_dir.mkdir()
+        videos[-1].rename(warm_dir / videos[-1].name)
+        # A worker process imports the stage code and loads each model once, then serves batch after batch.
+        # The cold run pays that once; the warm run is the steady state of a long curation job.
+        runs = {}
+        for name, src in (("cold (1 video, first in process)", warm_dir), ("warm", tmp_path / "videos")):
+            t0 = time.perf_counter()
+            runs[name] = flow(
+                input=str(src),
+                output=str(tmp_path / f"out-{len(runs)}"),
+                profile=args.profile,
+                overrides={"run": {"batch_size": args.batch_size}},
+                progress=False,
+            )
+            runs[name]["outer_seconds"] = time.perf_counter() - t0
+    report = runs["warm"]
+    print(f"\n== curate, profile {args.profile}, {args.videos} videos, batch {args.batch_size}, "
+          f"{args.threads} thread(s) ==")
     print(f"{'stage':>10} {'videos':>7} {'s/video':>9} {'failed':>7}")
     for name, s in report["stages"].items():
         spv = f"{s['seconds_per_video']:.3f}" if s["seconds_per_video"] is not None else "-"
         print(f"{name:>10} {s['processed']:>7} {spv:>9} {sum(s['failed'].values()):>7}")
     print(f"samples {report['samples']}, failed videos {report['videos_failed']}")
-    print(f"flow wall {report['wall_seconds']:.2f} s (incl. Prefect engine start: {outer:.2f} s), "
-          f"stage compute {report['compute_seconds']:.2f} s, "
-          f"orchestration overhead {report['orchestration_overhead']:.3f} (target <= 1.15)")
+    for name, r in runs.items():
+        print(f"{name:>34}: flow wall {r['wall_seconds']:.2f} s, stage compute {r['compute_seconds']:.2f} s, "
+              f"overhead {r['orchestration_overhead']:.3f} (call incl. Prefect engine start {r['outer_seconds']:.2f} s)")
+    print("target: warm overhead <= 1.15 at 16 videos")
 
 
 if __name__ == "__main__":

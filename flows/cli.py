@@ -42,10 +42,16 @@ def _print_summary(report: dict[str, Any], output: str) -> None:
         print(f"WARNING: stages {report['random_weight_stages']} ran with RANDOM WEIGHTS: not training data")
 
 
-def _run(args: argparse.Namespace) -> int:
+def _flow(args: argparse.Namespace):
+    from prefect.task_runners import ThreadPoolTaskRunner
+
     from flows.curate import curate
 
-    report = curate(
+    return curate.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.threads)) if args.threads else curate
+
+
+def _run(args: argparse.Namespace) -> int:
+    report = _flow(args)(
         input=args.input,
         output=args.output,
         profile=args.profile,
@@ -58,13 +64,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from flows.curate import curate
     from flows.sample_data import make_sample_videos
 
     data_dir = Path(args.output) / "sample_videos"
     videos = make_sample_videos(data_dir)
     print(f"built {len(videos)} sample videos in {data_dir}")
-    report = curate(
+    report = _flow(args)(
         input=str(data_dir),
         output=args.output,
         profile=args.profile,
@@ -97,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--profile", default=default_profile, help="paper | offline | test | path to a YAML profile")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--threads", type=int, default=None, help="task-runner threads (default 4)")
 
     run = sub.add_parser("run", help="curate a folder, glob or fsspec URL of videos")
     run.add_argument("input")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -106,6 +107,7 @@ class _Progress:
     def __init__(self, stages: list[str], total_batches: int, show: bool):
         self.total = max(1, total_batches * len(stages))
         self.done = 0
+        self.last_update = time.monotonic()
         self.bars = {}
         if show:
             from tqdm.auto import tqdm
@@ -121,7 +123,10 @@ class _Progress:
         self.done += 1
         if stage in self.bars:
             self.bars[stage].update(1)
-        if self.artifact is not None:
+        # Each update is an API round trip: at most one every few seconds, and the last one.
+        now = time.monotonic()
+        if self.artifact is not None and (now - self.last_update > 5.0 or self.done == self.total):
+            self.last_update = now
             try:
                 update_progress_artifact(self.artifact, 100.0 * self.done / self.total)
             except Exception:  # noqa: BLE001
@@ -132,7 +137,13 @@ class _Progress:
             bar.close()
 
 
-@flow(name="curate", task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=True)
+# Threads overlap the stages of different batches (one model instance is never called by two at once, see
+# tasks/runner.py). LUMOSX_CURATE_THREADS sizes the pool; on a cluster, swap the runner itself with
+# curate.with_options(task_runner=DaskTaskRunner(...)) from prefect-dask, or RayTaskRunner from prefect-ray.
+DEFAULT_THREADS = int(os.environ.get("LUMOSX_CURATE_THREADS", "4"))
+
+
+@flow(name="curate", task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_THREADS), validate_parameters=True)
 def curate(
     input: str,
     output: str,

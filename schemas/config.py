@@ -94,7 +94,6 @@ class ShardConfig(Section):
 
 class RunConfig(Section):
     batch_size: int = Field(8, ge=1, description="videos per Prefect task; tasks map over batches, not videos")
-    workers: int = Field(2, ge=1, description="thread pool size of the default task runner")
     gpu_slot: str | None = Field(
         "gpu", description="global concurrency limit held by GPU stages (create it with `prefect gcl create gpu`)"
     )
