@@ -23,6 +23,7 @@ every millisecond above the level before the timed call (an estimate; CPU freed 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import threading
@@ -55,10 +56,8 @@ class PeakRSS:
     """Samples the process RSS in a thread; ``peak`` is the maximum above the level at entry."""
 
     def __enter__(self):
-        try:
+        with contextlib.suppress(OSError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass
         self.base = self.peak_abs = self._rss()
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)

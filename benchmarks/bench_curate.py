@@ -39,7 +39,9 @@ def make_variants(src_videos: list[Path], n: int, out_dir: Path) -> list[Path]:
             dx, dy = i % 16, (i * 7) % 16
             for frame in inp.decode(vin):
                 arr = frame.to_ndarray(format="rgb24")[dy : dy + stream.height, dx : dx + stream.width]
-                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
+                for packet in stream.encode(
+                    av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
+                ):
                     out.mux(packet)
             for packet in stream.encode():
                 out.mux(packet)
@@ -55,8 +57,12 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=16)
     parser.add_argument("--profile", default="offline")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="task-runner threads; 1 makes wall/compute a pure overhead ratio (no overlap)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="task-runner threads; 1 makes wall/compute a pure overhead ratio (no overlap)",
+    )
     args = parser.parse_args()
 
     from benchmarks.bench_keyframes import run as keyframe_bench
@@ -91,16 +97,20 @@ def main() -> None:
             )
             runs[name]["outer_seconds"] = time.perf_counter() - t0
     report = runs["warm"]
-    print(f"\n== curate, profile {args.profile}, {args.videos} videos, batch {args.batch_size}, "
-          f"{args.threads} thread(s) ==")
+    print(
+        f"\n== curate, profile {args.profile}, {args.videos} videos, batch {args.batch_size}, "
+        f"{args.threads} thread(s) =="
+    )
     print(f"{'stage':>10} {'videos':>7} {'s/video':>9} {'failed':>7}")
     for name, s in report["stages"].items():
         spv = f"{s['seconds_per_video']:.3f}" if s["seconds_per_video"] is not None else "-"
         print(f"{name:>10} {s['processed']:>7} {spv:>9} {sum(s['failed'].values()):>7}")
     print(f"samples {report['samples']}, failed videos {report['videos_failed']}")
     for name, r in runs.items():
-        print(f"{name:>34}: flow wall {r['wall_seconds']:.2f} s, stage compute {r['compute_seconds']:.2f} s, "
-              f"overhead {r['orchestration_overhead']:.3f} (call incl. Prefect engine start {r['outer_seconds']:.2f} s)")
+        print(
+            f"{name:>34}: flow wall {r['wall_seconds']:.2f} s, stage compute {r['compute_seconds']:.2f} s, "
+            f"overhead {r['orchestration_overhead']:.3f} (call incl. Prefect engine start {r['outer_seconds']:.2f} s)"
+        )
     print("target: warm overhead <= 1.15 at 16 videos")
 
 

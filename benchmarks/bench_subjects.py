@@ -45,16 +45,18 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)  # expected failures (random answers) are not news here
 
+    from subject_fixtures import ScriptedEntities, build_world
+
     from flows.sample_data import make_sample_videos
     from schemas.config import load_config
-    from subject_fixtures import ScriptedEntities, build_world
     from tasks.background import BackgroundRecord, BackgroundStage
     from tasks.entities import EntitiesStage
     from tasks.masks import MasksStage
     from tasks.runner import run_stage_batch
 
-    config = load_config(args.profile, {"masks": {"grounder": {"options": {"box_threshold": 0.0,
-                                                                            "text_threshold": 0.0}}}})
+    config = load_config(
+        args.profile, {"masks": {"grounder": {"options": {"box_threshold": 0.0, "text_threshold": 0.0}}}}
+    )
     names = ("two_people", "astronaut_zoom")
     tmp = Path(tempfile.mkdtemp(prefix="bench-subjects-"))
     videos = make_sample_videos(tmp / "videos")

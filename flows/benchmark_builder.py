@@ -93,7 +93,7 @@ class Selection:
 def _dry_run(meta: SampleMetaV2, member_names: Iterable[str], task_name: Task) -> str | None:
     """None if the sample would export as a `task_name` case, else the failure reason. Reads no pixels."""
     try:
-        case_from_sample(meta, {name: b"" for name in member_names}, task_name)
+        case_from_sample(meta, dict.fromkeys(member_names, b""), task_name)
     except ExportError as exc:
         return exc.reason
     return None

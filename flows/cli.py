@@ -47,7 +47,11 @@ def _flow(args: argparse.Namespace):
 
     from flows.curate import curate
 
-    return curate.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.threads)) if args.threads else curate
+    return (
+        curate.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.threads))
+        if args.threads
+        else curate
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -99,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     def common(p: argparse.ArgumentParser, default_profile: str) -> None:
-        p.add_argument("--profile", default=default_profile, help="paper | offline | test | path to a YAML profile")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+        p.add_argument(
+            "--profile", default=default_profile, help="paper | offline | test | path to a YAML profile"
+        )
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable"
+        )
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.add_argument("--threads", type=int, default=None, help="task-runner threads (default 4)")
 

@@ -8,11 +8,11 @@ Batches are pipelined: batch 2 can be captioned while batch 1 is in face detecti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +86,16 @@ def stage_task(
 
 
 @task(name="write-shards", **_TASK_OPTIONS)
-def write_shards_task(output: str, work_root: str, sample_ids: list[str], config: CurateConfig, sample_fp: str):
+def write_shards_task(
+    output: str, work_root: str, sample_ids: list[str], config: CurateConfig, sample_fp: str
+):
     from tasks.shards import PendingSample, write_manifest, write_shards
 
     work = WorkDir(work_root)
     t0 = time.perf_counter()
-    pending = [PendingSample(key=k, directory=work.samples / k, fingerprint=sample_fp) for k in sorted(sample_ids)]
+    pending = [
+        PendingSample(key=k, directory=work.samples / k, fingerprint=sample_fp) for k in sorted(sample_ids)
+    ]
     summary = write_shards(Path(output), pending, config.shards)
     rows, random_stages = write_manifest(Path(output), work)
     return summary, rows, random_stages, time.perf_counter() - t0
@@ -112,10 +116,14 @@ class _Progress:
         if show:
             from tqdm.auto import tqdm
 
-            self.bars = {s: tqdm(total=total_batches, desc=f"{s:>10}", unit="batch", position=i, leave=True)
-                         for i, s in enumerate(stages)}
+            self.bars = {
+                s: tqdm(total=total_batches, desc=f"{s:>10}", unit="batch", position=i, leave=True)
+                for i, s in enumerate(stages)
+            }
         try:
-            self.artifact = create_progress_artifact(0.0, key="curate-progress", description="batches x stages")
+            self.artifact = create_progress_artifact(
+                0.0, key="curate-progress", description="batches x stages"
+            )
         except Exception:  # noqa: BLE001 - progress is best effort (e.g. no API in a bare test)
             self.artifact = None
 
@@ -127,10 +135,8 @@ class _Progress:
         now = time.monotonic()
         if self.artifact is not None and (now - self.last_update > 5.0 or self.done == self.total):
             self.last_update = now
-            try:
+            with contextlib.suppress(Exception):  # progress is best effort
                 update_progress_artifact(self.artifact, 100.0 * self.done / self.total)
-            except Exception:  # noqa: BLE001
-                pass
 
     def close(self) -> None:
         for bar in self.bars.values():
@@ -253,7 +259,9 @@ def curate(
     }
     atomic_write_json(out_dir / "report.json", report)
     try:
-        create_markdown_artifact(_report_markdown(report), key="curate-report", description="curate run report")
+        create_markdown_artifact(
+            _report_markdown(report), key="curate-report", description="curate run report"
+        )
     except Exception as exc:  # noqa: BLE001 - the report is also on disk
         log.info("could not create the report artifact: %s", exc)
     message = (
@@ -292,11 +300,19 @@ def _current_failures(
 def _report_markdown(report: dict[str, Any]) -> str:
     lines = [f"# curate run: {report['samples']} samples, {report['videos_failed']} failed videos", ""]
     if report["random_weight_stages"]:
-        lines += [f"**RANDOM WEIGHTS** in {', '.join(report['random_weight_stages'])}: not training data.", ""]
+        lines += [
+            f"**RANDOM WEIGHTS** in {', '.join(report['random_weight_stages'])}: not training data.",
+            "",
+        ]
     lines += ["| stage | ok | processed | resumed | seconds | failures |", "|---|---|---|---|---|---|"]
     for name, s in report["stages"].items():
         fails = ", ".join(f"{k}: {v}" for k, v in s["failed"].items()) or "-"
-        lines.append(f"| {name} | {s['ok']} | {s['processed']} | {s['skipped_resumed']} | {s['seconds']} | {fails} |")
-    lines += ["", f"wall {report['wall_seconds']} s, compute {report['compute_seconds']} s, "
-              f"overhead {report['orchestration_overhead']}"]
+        lines.append(
+            f"| {name} | {s['ok']} | {s['processed']} | {s['skipped_resumed']} | {s['seconds']} | {fails} |"
+        )
+    lines += [
+        "",
+        f"wall {report['wall_seconds']} s, compute {report['compute_seconds']} s, "
+        f"overhead {report['orchestration_overhead']}",
+    ]
     return "\n".join(lines)

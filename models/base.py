@@ -27,15 +27,29 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: str = Field(description="adapter name inside the model family, e.g. 'yolo', 'opencv-hog', 'qwen2.5-vl'")
-    weights: str | None = Field(None, description="hub id, local directory or weights file; None = backend default")
-    revision: str | None = Field(None, description="hub revision (branch, tag or commit) for reproducible runs")
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    backend: str = Field(
+        description="adapter name inside the model family, e.g. 'yolo', 'opencv-hog', 'qwen2.5-vl'"
+    )
+    weights: str | None = Field(
+        None, description="hub id, local directory or weights file; None = backend default"
+    )
+    revision: str | None = Field(
+        None, description="hub revision (branch, tag or commit) for reproducible runs"
+    )
+    device: str = Field(
+        "auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ..."
+    )
     dtype: DType = "float32"
     batch_size: int = Field(8, ge=1)
-    trust_remote_code: bool = Field(False, description="run code shipped with the checkpoint; off unless you opt in")
-    random_init: bool = Field(False, description="test build: same architecture, tiny random weights, no download")
-    options: dict[str, Any] = Field(default_factory=dict, description="backend-specific knobs (documented per adapter)")
+    trust_remote_code: bool = Field(
+        False, description="run code shipped with the checkpoint; off unless you opt in"
+    )
+    random_init: bool = Field(
+        False, description="test build: same architecture, tiny random weights, no download"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="backend-specific knobs (documented per adapter)"
+    )
 
 
 class ModelAdapter(Protocol):
@@ -106,7 +120,9 @@ class Registry:
         adapter = factory(spec)
         if adapter.info.random_weights:
             logger.warning(
-                "%s %s runs with RANDOM WEIGHTS (test build): its outputs are not data", self.family, spec.backend
+                "%s %s runs with RANDOM WEIGHTS (test build): its outputs are not data",
+                self.family,
+                spec.backend,
             )
         return adapter
 

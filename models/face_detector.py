@@ -150,7 +150,10 @@ class InsightFaceDetector:
             name = spec.weights or "buffalo_l"
         try:
             app = FaceAnalysis(
-                name=name, root=opts.get("root", "~/.insightface"), allowed_modules=["detection"], providers=providers
+                name=name,
+                root=opts.get("root", "~/.insightface"),
+                allowed_modules=["detection"],
+                providers=providers,
             )
             det_size = tuple(int(v) for v in opts.get("det_size", (640, 640)))
             app.prepare(ctx_id=ctx_id, det_thresh=float(opts.get("det_thresh", 0.3)), det_size=det_size)
@@ -185,7 +188,9 @@ def _face_recognition_models_dir() -> Path:
     # The package's own helper imports pkg_resources (gone from recent setuptools): locate its files directly.
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or spec.origin is None:
-        raise ModelLoadError("backend 'dlib' needs the package face-recognition-models (pip install .[offline])")
+        raise ModelLoadError(
+            "backend 'dlib' needs the package face-recognition-models (pip install .[offline])"
+        )
     return Path(spec.origin).parent / "models"
 
 
@@ -318,7 +323,9 @@ class MtcnnFaceDetector:
             for start in range(0, len(idx), self.spec.batch_size):
                 chunk = idx[start : start + self.spec.batch_size]
                 with torch.inference_mode():
-                    boxes, probs, points = self.mtcnn.detect(np.stack([images[i] for i in chunk]), landmarks=True)
+                    boxes, probs, points = self.mtcnn.detect(
+                        np.stack([images[i] for i in chunk]), landmarks=True
+                    )
                 for j, i in enumerate(chunk):
                     dets = []
                     if boxes[j] is not None:

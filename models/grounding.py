@@ -30,7 +30,6 @@ from PIL import Image
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device, resolve_dtype
 from schemas.records import Box
-from tasks.mask_ops import pixel_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +190,7 @@ class GroundingDinoDetector:
             if region is None:
                 jobs.append((i, image.convert("RGB"), item_phrases, (0, 0), Box(x0=0, y0=0, x1=w, y1=h)))
                 continue
-            x0, y0, x1, y1 = pixel_bounds(region, w, h)
+            x0, y0, x1, y1 = region.pixel_bounds(w, h)
             if x1 <= x0 or y1 <= y0:
                 logger.debug("region %s of image %d is empty; no boxes", region.as_tuple(), i)
                 continue
@@ -276,12 +275,66 @@ class GroundingDinoDetector:
 
 # Test build ------------------------------------------------------------------------------------------------
 
-_TINY_WORDS = (
-    "a an the of with and on in man woman boy girl person shirt t-shirt jacket coat dress skirt pants "
-    "jeans shorts hat cap glasses sunglasses watch bag backpack scarf tie shoes hair black white red blue "
-    "green yellow brown grey gray pink long short curly wooden cutting board cup table chair dog cat car "
-    "ball guitar phone"
-).split()
+_TINY_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "with",
+    "and",
+    "on",
+    "in",
+    "man",
+    "woman",
+    "boy",
+    "girl",
+    "person",
+    "shirt",
+    "t-shirt",
+    "jacket",
+    "coat",
+    "dress",
+    "skirt",
+    "pants",
+    "jeans",
+    "shorts",
+    "hat",
+    "cap",
+    "glasses",
+    "sunglasses",
+    "watch",
+    "bag",
+    "backpack",
+    "scarf",
+    "tie",
+    "shoes",
+    "hair",
+    "black",
+    "white",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "brown",
+    "grey",
+    "gray",
+    "pink",
+    "long",
+    "short",
+    "curly",
+    "wooden",
+    "cutting",
+    "board",
+    "cup",
+    "table",
+    "chair",
+    "dog",
+    "cat",
+    "car",
+    "ball",
+    "guitar",
+    "phone",
+]
 
 
 def _tiny_grounding_dino():

@@ -208,11 +208,45 @@ def clean_plate(
 
 # Test build ------------------------------------------------------------------------------------------------
 
-_TINY_WORDS = (
-    "a an the of in on with and no empty scene people person room kitchen garden street park beach office "
-    "living bedroom studio forest city road sky lush modern wooden white bright dark green blue "
-    "indoor outdoor"
-).split()
+_TINY_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "in",
+    "on",
+    "with",
+    "and",
+    "no",
+    "empty",
+    "scene",
+    "people",
+    "person",
+    "room",
+    "kitchen",
+    "garden",
+    "street",
+    "park",
+    "beach",
+    "office",
+    "living",
+    "bedroom",
+    "studio",
+    "forest",
+    "city",
+    "road",
+    "sky",
+    "lush",
+    "modern",
+    "wooden",
+    "white",
+    "bright",
+    "dark",
+    "green",
+    "blue",
+    "indoor",
+    "outdoor",
+]
 _LETTERS = list("abcdefghijklmnopqrstuvwxyz0123456789")
 
 

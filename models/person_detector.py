@@ -81,7 +81,9 @@ class YoloPersonDetector:
             raise ModelLoadError(f"backend 'yolo' needs ultralytics: {e}") from e
         if spec.trust_remote_code:
             logger.info("trust_remote_code has no effect on YOLO weights")
-        source = spec.options.get("config", "yolov8n.yaml") if spec.random_init else (spec.weights or "yolo11x.pt")
+        source = (
+            spec.options.get("config", "yolov8n.yaml") if spec.random_init else (spec.weights or "yolo11x.pt")
+        )
         try:
             model = YOLO(source)
         except Exception as e:  # ultralytics raises assorted errors for a missing file or a failed download
@@ -161,7 +163,9 @@ class HogPersonDetector:
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> HogPersonDetector:
         if spec.random_init:
-            raise ModelLoadError("backend 'opencv-hog' ships real weights inside OpenCV; random_init is not supported")
+            raise ModelLoadError(
+                "backend 'opencv-hog' ships real weights inside OpenCV; random_init is not supported"
+            )
         if resolve_device(spec.device) != "cpu":
             logger.info("opencv-hog runs on the CPU whatever the device (%s)", spec.device)
         return cls(spec)
@@ -188,7 +192,10 @@ class HogPersonDetector:
         margins = np.asarray(margins, dtype=np.float64).reshape(-1)
         scores = expit(margins)
         keep = cv2.dnn.NMSBoxes(
-            [list(map(int, r)) for r in rects], scores.tolist(), score_threshold=0.0, nms_threshold=self.nms_iou
+            [list(map(int, r)) for r in rects],
+            scores.tolist(),
+            score_threshold=0.0,
+            nms_threshold=self.nms_iou,
         )
         dets = []
         for i in np.asarray(keep).reshape(-1):

@@ -29,10 +29,13 @@ class Section(BaseModel):
 class IngestConfig(Section):
     extensions: list[str] = Field(default_factory=lambda: [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"])
     sidecar_table: str | None = Field(
-        None, description="parquet/csv/jsonl table with columns uri (or file name) and caption, as Panda-70M ships"
+        None,
+        description="parquet/csv/jsonl table with columns uri (or file name) and caption, as Panda-70M ships",
     )
     sidecar_txt: bool = Field(True, description="use <video>.txt next to a video as its caption")
-    min_frames: int = Field(16, description="shorter videos fail with reason too_short (training clips need motion)")
+    min_frames: int = Field(
+        16, description="shorter videos fail with reason too_short (training clips need motion)"
+    )
     min_duration_s: float = 0.5
     max_duration_s: float = 3600.0
     max_pixels: int = Field(4096 * 2304, description="larger frames fail with reason too_large (4K passes)")
@@ -40,7 +43,9 @@ class IngestConfig(Section):
 
 class CaptionConfig(Section):
     source: Literal["model", "sidecar", "sidecar_or_model"] = "sidecar_or_model"
-    model: ModelSpec = ModelSpec(backend="nvila", weights="Efficient-Large-Model/NVILA-8B-hf", dtype="bfloat16")
+    model: ModelSpec = ModelSpec(
+        backend="nvila", weights="Efficient-Large-Model/NVILA-8B-hf", dtype="bfloat16"
+    )
     num_frames: int = Field(8, description="frames sampled uniformly across the video for the captioner")
     max_new_tokens: int = 256
     prompt_file: str = "caption_v1.txt"
@@ -54,8 +59,12 @@ class KeyframeConfig(Section):
 class PersonConfig(Section):
     model: ModelSpec = ModelSpec(backend="yolo", weights="yolo11x.pt")
     min_score: float = 0.4
-    min_height_frac: float = Field(0.1, description="persons shorter than this fraction of the frame are ignored")
-    match_iou: float = Field(0.3, description="min IoU to link a person across keyframes (plus face similarity)")
+    min_height_frac: float = Field(
+        0.1, description="persons shorter than this fraction of the frame are ignored"
+    )
+    match_iou: float = Field(
+        0.3, description="min IoU to link a person across keyframes (plus face similarity)"
+    )
     require_person: bool = Field(
         True,
         description="fail a video with no detected person (no_person); turn off when faces.persons_from_faces "
@@ -93,16 +102,23 @@ class ShardConfig(Section):
 
 
 class RunConfig(Section):
-    batch_size: int = Field(8, ge=1, description="videos per Prefect task; tasks map over batches, not videos")
-    gpu_slot: str | None = Field(
-        "gpu", description="global concurrency limit held by GPU stages (create it with `prefect gcl create gpu`)"
+    batch_size: int = Field(
+        8, ge=1, description="videos per Prefect task; tasks map over batches, not videos"
     )
-    retries: int = Field(2, description="retries of a batch on transient errors (I/O, CUDA OOM), with backoff")
+    gpu_slot: str | None = Field(
+        "gpu",
+        description="global concurrency limit held by GPU stages (create it with `prefect gcl create gpu`)",
+    )
+    retries: int = Field(
+        2, description="retries of a batch on transient errors (I/O, CUDA OOM), with backoff"
+    )
     retry_failed: bool = Field(False, description="rerun videos whose failure was recorded in an earlier run")
 
 
 class EntitiesConfig(Section):
-    model: ModelSpec = ModelSpec(backend="qwen2.5-vl", weights="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16")
+    model: ModelSpec = ModelSpec(
+        backend="qwen2.5-vl", weights="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16"
+    )
     max_retries: int = Field(2, ge=0, description="follow-up turns showing the model its rule violation")
     max_subjects: int = Field(3, ge=1, description="the released loader recommends at most 3 subjects")
     max_attributes: int = Field(3, ge=0, description="per subject; the released loader recommends at most 3")
@@ -121,7 +137,9 @@ class MasksConfig(Section):
     segmenter: ModelSpec = ModelSpec(backend="sam", weights="sam_vit_h_4b8939.pth")
     min_area_frac: float = Field(0.02, description="mask area / prompt-box area below this: 'too small'")
     max_area_frac: float = Field(1.5, description="mask area / prompt-box area above this: 'too large'")
-    min_inside_frac: float = Field(0.8, description="share of the mask inside its prompt box, else 'outside box'")
+    min_inside_frac: float = Field(
+        0.8, description="share of the mask inside its prompt box, else 'outside box'"
+    )
     min_largest_component_frac: float = Field(
         0.6, description="share of the mask in its largest connected piece, else 'fragmented'"
     )

@@ -7,6 +7,7 @@ Prefect tasks and to diff between runs.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from typing import Literal
 
@@ -81,6 +82,18 @@ class Box(Record):
         """Share of this box's area that lies inside `other` (1.0 = fully inside)."""
         return self.intersection(other) / self.area if self.area > 0 else 0.0
 
+    def pixel_bounds(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """Integer (x0, y0, x1, y1) covering every pixel the box touches, clipped to a width x height image.
+
+        Rounding outward (floor the start, ceil the end) never cuts a sliver off a face or a region; the result
+        can be empty (x1 <= x0) when the box lies outside the image.
+        """
+        x0 = min(max(math.floor(self.x0), 0), width)
+        y0 = min(max(math.floor(self.y0), 0), height)
+        x1 = min(max(math.ceil(self.x1), 0), width)
+        y1 = min(max(math.ceil(self.y1), 0), height)
+        return x0, y0, max(x0, x1), max(y0, y1)
+
     def clip(self, width: float, height: float) -> Box:
         return Box(
             x0=min(max(self.x0, 0.0), width),
@@ -152,7 +165,9 @@ class FaceQuality(Record):
     size_px: float = Field(description="shorter side of the face box")
     det_score: float
     sharpness: float = Field(description="variance of the Laplacian of the grey face crop")
-    frontalness: float | None = Field(None, description="1 = frontal, from 5-point landmarks when the detector gives them")
+    frontalness: float | None = Field(
+        None, description="1 = frontal, from 5-point landmarks when the detector gives them"
+    )
     score: float = Field(description="combined quality used to pick the best face")
     usable: bool
     reason: str | None = Field(None, description="why the face is not usable")

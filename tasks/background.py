@@ -51,7 +51,9 @@ def face_key(person_id: int) -> str:
 class PlateAttempt(Record):
     seed: int
     inpainted: bool = Field(description="False when nothing had to be removed (the frame is its own plate)")
-    persons_found: int = Field(description="person detections on the plate (same filters as the persons stage)")
+    persons_found: int = Field(
+        description="person detections on the plate (same filters as the persons stage)"
+    )
     best_person_score: float | None = None
     best_person_box: Box | None = None
 
@@ -194,7 +196,9 @@ class BackgroundStage(Stage[BackgroundRecord]):
             raise StageError("unreadable_keyframe", f"cannot read keyframe {keyframes[k].path}: {e}") from e
         return _PlateJob(record, frame, self._foreground(faces, masks, k, frame.size))
 
-    def _foreground(self, faces: FacesRecord, masks: MasksRecord, k: int, size: tuple[int, int]) -> np.ndarray:
+    def _foreground(
+        self, faces: FacesRecord, masks: MasksRecord, k: int, size: tuple[int, int]
+    ) -> np.ndarray:
         """Everything to repaint on keyframe k: all persons (bound to a subject or not), attributes, objects."""
         w, h = size
         parts: list[np.ndarray] = []

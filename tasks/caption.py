@@ -19,8 +19,8 @@ from typing import Any
 
 from schemas.records import CaptionRecord
 from tasks.base import Stage, StageError, TransientError, VideoContext
-from tasks.entities import load_prompt  # TODO(lead): move load_prompt to a shared prompts module
 from tasks.keyframes import sample_frames
+from tasks.prompts import load_prompt
 
 logger = logging.getLogger(__name__)
 

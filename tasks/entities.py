@@ -20,7 +20,6 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from string import Template
 from typing import Any, Protocol
 
@@ -31,10 +30,10 @@ from models.base import Registry
 from schemas.entities import EntitiesAnswer, EntitiesRecord, appears_verbatim
 from schemas.records import Box, CaptionRecord, FacesRecord, KeyframesRecord, ModelInfo, Person
 from tasks.base import Stage, StageError, VideoContext, atomic_path
+from tasks.prompts import load_prompt
 
 logger = logging.getLogger(__name__)
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "flows" / "prompts"
 PRIOR_MAX_SIDE = 1024
 """The annotated keyframe is downscaled to this longer side: box labels stay legible and the image costs a
 bounded number of vision tokens (Qwen2.5-VL: one token per 28x28 pixels)."""
@@ -65,16 +64,6 @@ class TextGenerator(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------- prompt
-def load_prompt(name: str) -> str:
-    """A versioned prompt template from flows/prompts/ (its text is part of the stage fingerprint)."""
-    if Path(name).name != name or not name.endswith(".txt"):
-        raise ValueError(f"prompt file {name!r} must be a plain .txt file name inside {PROMPTS_DIR}")
-    path = PROMPTS_DIR / name
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found")
-    return path.read_text(encoding="utf-8")
-
-
 def render_prompt(
     template: str,
     caption: str,

@@ -288,7 +288,9 @@ class FacesStage(Stage[FacesRecord]):
             crops, origins = [], []
             for kf, r in chunk:
                 x0, y0 = int(r.x0), int(r.y0)
-                crops.append(np.ascontiguousarray(by_index[kf].image[y0 : int(np.ceil(r.y1)), x0 : int(np.ceil(r.x1))]))
+                crops.append(
+                    np.ascontiguousarray(by_index[kf].image[y0 : int(np.ceil(r.y1)), x0 : int(np.ceil(r.x1))])
+                )
                 origins.append((x0, y0))
             keep = [i for i, c in enumerate(crops) if c.shape[0] >= 8 and c.shape[1] >= 8]
             dets = self.detector([crops[i] for i in keep]) if keep else []
@@ -375,7 +377,9 @@ class FacesStage(Stage[FacesRecord]):
                 person.face_path = self._save_crop(ctx, by_index[best.keyframe].image, best, pid)
             elif seen:
                 best = max(seen, key=lambda f: f.quality.score if f.quality else 0.0)
-                person.no_face_reason = f"no usable face; best (keyframe {best.keyframe}): {best.quality.reason}"
+                person.no_face_reason = (
+                    f"no usable face; best (keyframe {best.keyframe}): {best.quality.reason}"
+                )
             else:
                 person.no_face_reason = f"no face found in the person box on keyframes {sorted(entries)}"
             out.append(person)

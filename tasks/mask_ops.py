@@ -56,16 +56,8 @@ def as_bool_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def pixel_bounds(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
-    """Integer (x0, y0, x1, y1) covering every pixel the float box touches, clipped to the image.
-
-    Rounding outward (floor the start, ceil the end) never cuts a sliver off a face or a region; the result
-    can be empty (x1 <= x0) when the box lies outside the image.
-    """
-    x0 = min(max(math.floor(box.x0), 0), width)
-    y0 = min(max(math.floor(box.y0), 0), height)
-    x1 = min(max(math.ceil(box.x1), 0), width)
-    y1 = min(max(math.ceil(box.y1), 0), height)
-    return x0, y0, max(x0, x1), max(y0, y1)
+    """Integer crop bounds of `box` on a width x height image (see `Box.pixel_bounds`)."""
+    return box.pixel_bounds(width, height)
 
 
 def mask_bbox(mask: np.ndarray) -> Box | None:

@@ -76,7 +76,9 @@ class MaskFrame(Record):
 
 
 class EntityMasks(Record):
-    key: str = Field(description="person_<pid>, attr_<pid>_<j> or object_<j>; j = index in the entities answer")
+    key: str = Field(
+        description="person_<pid>, attr_<pid>_<j> or object_<j>; j = index in the entities answer"
+    )
     kind: EntityKind
     label: str | None = Field(None, description="the phrase (attributes, objects) or subject noun (subjects)")
     person_id: int | None = None
@@ -188,18 +190,28 @@ class MasksStage(Stage[MasksRecord]):
         nouns = {s.person_id: s.noun for s in entities.answer.subjects}
         for p in faces.persons:
             video.entities.append(
-                EntityMasks(key=person_key(p.person_id), kind="person", label=nouns.get(p.person_id),
-                            person_id=p.person_id)
+                EntityMasks(
+                    key=person_key(p.person_id),
+                    kind="person",
+                    label=nouns.get(p.person_id),
+                    person_id=p.person_id,
+                )
             )
         for subject in entities.answer.subjects:
             if subject.person_id not in by_id:
                 raise StageError(
-                    "unknown_person", f"entities bind person {subject.person_id}, absent from the faces record"
+                    "unknown_person",
+                    f"entities bind person {subject.person_id}, absent from the faces record",
                 )
             for j, attr in enumerate(subject.attributes):
                 video.entities.append(
-                    EntityMasks(key=attribute_key(subject.person_id, j), kind="attribute", label=attr.phrase,
-                                person_id=subject.person_id, index=j)
+                    EntityMasks(
+                        key=attribute_key(subject.person_id, j),
+                        kind="attribute",
+                        label=attr.phrase,
+                        person_id=subject.person_id,
+                        index=j,
+                    )
                 )
         for j, phrase in enumerate(entities.answer.objects):
             video.entities.append(EntityMasks(key=object_key(j), kind="object", label=phrase, index=j))
@@ -287,9 +299,11 @@ class MasksStage(Stage[MasksRecord]):
     def _segment(self, videos: list[_Video], prompts: dict[tuple[str, int], list[_Prompt]]) -> None:
         frames = [fr for video in videos for fr in video.frames]
         jobs = [prompts.get((fr.video_id, fr.keyframe), []) for fr in frames]
-        predictions = self.segmenter.segment(
-            [fr.image for fr in frames], [[p.result.box for p in job] for job in jobs]
-        ) if frames else []
+        predictions = (
+            self.segmenter.segment([fr.image for fr in frames], [[p.result.box for p in job] for job in jobs])
+            if frames
+            else []
+        )
         cfg = self.cfg
         for fr, job, preds in zip(frames, jobs, predictions, strict=True):
             if len(preds) != len(job):
@@ -319,4 +333,3 @@ class MasksStage(Stage[MasksRecord]):
         with atomic_path(path) as tmp:
             Image.fromarray(np.asarray(mask, dtype=bool)).save(tmp, format="PNG")  # mode "1": 1 bit per pixel
         return self.work.rel(path)
-

@@ -28,7 +28,9 @@ def load_rgb(path: Path) -> np.ndarray:
     """
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
-        raise StageError("unreadable_keyframe", f"cannot read keyframe image {path} (missing or not an image)")
+        raise StageError(
+            "unreadable_keyframe", f"cannot read keyframe image {path} (missing or not an image)"
+        )
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 

@@ -9,8 +9,8 @@ import logging
 import threading
 import time
 import traceback
-from contextlib import ExitStack
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from schemas.records import FailureRecord, VideoRecord
@@ -140,7 +140,9 @@ def _process_isolated(stage: Stage, batch: list[VideoContext]) -> dict[str, obje
         if len(batch) == 1:
             logger.debug("stage %s crashed on %s:\n%s", stage.name, batch[0].video_id, traceback.format_exc())
             return {batch[0].video_id: exc}
-        logger.info("stage %s batch failed (%s); retrying its %d videos one by one", stage.name, exc, len(batch))
+        logger.info(
+            "stage %s batch failed (%s); retrying its %d videos one by one", stage.name, exc, len(batch)
+        )
         results: dict[str, object] = {}
         for ctx in batch:
             results.update(_process_isolated(stage, [ctx]))

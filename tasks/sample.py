@@ -57,8 +57,8 @@ from schemas.sample import (
     SampleRecord,
     SampleVideo,
 )
-from tasks.base import Stage, StageError, VideoContext
 from tasks.background import BackgroundRecord, face_key
+from tasks.base import Stage, StageError, VideoContext
 from tasks.clip import ClipInfo, write_clip
 from tasks.mask_ops import EmptyMaskError, cutout_on_white, foreground_union, mask_bbox, whole_person_cutout
 from tasks.masks import MaskFrame, MasksRecord, attribute_key, load_mask, object_key, person_key
@@ -145,7 +145,9 @@ class SampleStage(Stage[SampleRecord]):
             num_faces=num_faces,
         )
 
-    def base_models(self, ctx: VideoContext, caption: CaptionRecord, faces: FacesRecord) -> dict[str, ModelInfo]:
+    def base_models(
+        self, ctx: VideoContext, caption: CaptionRecord, faces: FacesRecord
+    ) -> dict[str, ModelInfo]:
         models = {"persons": ctx.record("persons", PersonsRecord).model, "faces": faces.model}
         if caption.model is not None:
             models["caption"] = caption.model
@@ -269,7 +271,8 @@ class _SubjectSample:
         frame = entity.frame(k)
         if frame is None or not frame.ok:
             raise StageError(
-                "inconsistent_records", f"{key}: keyframe {k} was selected but the masks record has no mask there"
+                "inconsistent_records",
+                f"{key}: keyframe {k} was selected but the masks record has no mask there",
             )
         return k, frame
 
@@ -310,8 +313,15 @@ class _SubjectSample:
                 cut_box = self._write_cutout(k, load_mask(self.work, mf.mask), image, mask_member)
                 attributes.append(
                     AttributeEntity(
-                        label=attr.phrase, kind=attr.kind, image=image, mask=mask_member, keyframe=k,
-                        box=mf.box, score=mf.score, mask_score=mf.mask_score, cutout_box=cut_box,
+                        label=attr.phrase,
+                        kind=attr.kind,
+                        image=image,
+                        mask=mask_member,
+                        keyframe=k,
+                        box=mf.box,
+                        score=mf.score,
+                        mask_score=mf.mask_score,
+                        cutout_box=cut_box,
                     )
                 )
             whole = self._whole(pid, subject.noun, len(subject.attributes))
@@ -366,8 +376,14 @@ class _SubjectSample:
             cut_box = self._write_cutout(k, mask, image, mask_member)
             out.append(
                 ObjectEntity(
-                    label=phrase, image=image, mask=mask_member, keyframe=k, box=mf.box, score=mf.score,
-                    mask_score=mf.mask_score, cutout_box=cut_box,
+                    label=phrase,
+                    image=image,
+                    mask=mask_member,
+                    keyframe=k,
+                    box=mf.box,
+                    score=mf.score,
+                    mask_score=mf.mask_score,
+                    cutout_box=cut_box,
                 )
             )
         return out

@@ -51,7 +51,7 @@ def select_keyframes(entity_valid_keyframes: Mapping[K, Sequence[int]], seed: st
     keys = sorted(entity_valid_keyframes, key=_sort_key)
     options: dict[K, list[int]] = {}
     for key in keys:
-        frames = sorted(set(int(f) for f in entity_valid_keyframes[key]))
+        frames = sorted({int(f) for f in entity_valid_keyframes[key]})
         if not frames:
             raise ValueError(f"entity {key!r} has no valid keyframe; drop it before selecting")
         options[key] = frames

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from schemas.config import ShardConfig
-from schemas.records import FailureRecord
 from schemas.entities import load_sample_meta
+from schemas.records import FailureRecord
 from schemas.sample import FAILURES_SCHEMA, MANIFEST_SCHEMA, ShardEntry, ShardIndex
 from tasks.base import WorkDir, atomic_path, atomic_write_json
 

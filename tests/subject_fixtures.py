@@ -56,10 +56,14 @@ PEOPLE = {
 ANSWERS = {
     "two_people": {
         "subjects": [
-            {"person_id": 0, "noun": "woman", "attributes": [
-                {"phrase": "black top", "kind": "top"},
-                {"phrase": "long strawberry-blonde hair", "kind": "hair"},
-            ]},
+            {
+                "person_id": 0,
+                "noun": "woman",
+                "attributes": [
+                    {"phrase": "black top", "kind": "top"},
+                    {"phrase": "long strawberry-blonde hair", "kind": "hair"},
+                ],
+            },
             {"person_id": 1, "noun": "man", "attributes": [{"phrase": "dark red shirt", "kind": "top"}]},
         ],
         "objects": ["playing cards", "blue poker chip"],
@@ -96,7 +100,9 @@ def build_world(root: Path, sample_videos: list[Path], names: tuple[str, ...], c
     out = run_stage_batch(kf_stage, list(ids.values()), fps)
     assert len(out.ok) == len(ids), out
     for name, vid in ids.items():
-        work.save_ok("caption", vid, "caption", CaptionRecord(video_id=vid, caption=CAPTIONS[name], source="sidecar"))
+        work.save_ok(
+            "caption", vid, "caption", CaptionRecord(video_id=vid, caption=CAPTIONS[name], source="sidecar")
+        )
         keyframes = KeyframesRecord.model_validate(work.load("keyframes", vid)["record"]).keyframes
         detections, persons = [], []
         for pid, (person_box, face_box) in PEOPLE[name].items():
@@ -106,10 +112,18 @@ def build_world(root: Path, sample_videos: list[Path], names: tuple[str, ...], c
             with Image.open(work.abs(keyframes[1].path)) as im:
                 crop_path = work.media(vid) / f"face_{pid}.png"
                 face_crop(im, fbox).save(crop_path)
-            persons.append(Person(person_id=pid, boxes={k.index: pbox for k in keyframes},
-                                  scores={k.index: 0.9 for k in keyframes}, face=face,
-                                  face_path=work.rel(crop_path)))
-        work.save_ok("persons", vid, "persons", PersonsRecord(video_id=vid, model=SCRIPTED, detections=detections))
+            persons.append(
+                Person(
+                    person_id=pid,
+                    boxes={k.index: pbox for k in keyframes},
+                    scores={k.index: 0.9 for k in keyframes},
+                    face=face,
+                    face_path=work.rel(crop_path),
+                )
+            )
+        work.save_ok(
+            "persons", vid, "persons", PersonsRecord(video_id=vid, model=SCRIPTED, detections=detections)
+        )
         work.save_ok("faces", vid, "faces", FacesRecord(video_id=vid, model=SCRIPTED, persons=persons))
     return World(work, ids, fps)
 
@@ -138,8 +152,12 @@ def attribute_box(region: Box, i: int, n: int) -> Box:
     """Band i of n across the lower 80 % of the region, inset 15 % on each side: always inside the region."""
     top = region.y0 + 0.2 * region.height
     band = 0.8 * region.height / n
-    return Box(x0=region.x0 + 0.15 * region.width, y0=top + i * band,
-               x1=region.x1 - 0.15 * region.width, y1=top + (i + 1) * band - 2)
+    return Box(
+        x0=region.x0 + 0.15 * region.width,
+        y0=top + i * band,
+        x1=region.x1 - 0.15 * region.width,
+        y1=top + (i + 1) * band - 2,
+    )
 
 
 def object_box(i: int) -> Box:

@@ -30,7 +30,9 @@ CONFIG = CurateConfig(subjects=True, background=BackgroundConfig(max_retries=2, 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, sample_videos):
     """Both scripted videos up to their masks record (object_0 of two_people is empty on keyframe 0)."""
-    w = build_world(tmp_path_factory.mktemp("background"), sample_videos, ("two_people", "astronaut_zoom"), CONFIG)
+    w = build_world(
+        tmp_path_factory.mktemp("background"), sample_videos, ("two_people", "astronaut_zoom"), CONFIG
+    )
     vids = sorted(w.ids.values())  # the batch order decides which frame is the segmenter's n-th
     base = 3 * sorted(vids).index(w.ids["two_people"])
     for stage in (
@@ -57,8 +59,12 @@ class CountingPipe:
 
 @pytest.fixture(scope="module")
 def flux():
-    spec = ModelSpec(backend="flux-fill", random_init=True, device="cpu",
-                     options={"num_inference_steps": 2, "max_side": 64})
+    spec = ModelSpec(
+        backend="flux-fill",
+        random_init=True,
+        device="cpu",
+        options={"num_inference_steps": 2, "max_side": 64},
+    )
     inpainter = INPAINTERS.build(spec)
     inpainter.pipe = CountingPipe(inpainter.pipe)
     return inpainter
@@ -66,8 +72,11 @@ def flux():
 
 def _contexts(world, names):
     return [
-        VideoContext(video=VideoRecord.model_validate(world.work.load("ingest", world.ids[n])["record"]),
-                     work=world.work, fingerprints=world.fingerprints)
+        VideoContext(
+            video=VideoRecord.model_validate(world.work.load("ingest", world.ids[n])["record"]),
+            work=world.work,
+            fingerprints=world.fingerprints,
+        )
         for n in names
     ]
 
@@ -76,9 +85,11 @@ def _records(world, vid):
     from schemas.entities import EntitiesRecord
 
     load = world.work.load
-    return (EntitiesRecord.model_validate(load("entities", vid)["record"]),
-            FacesRecord.model_validate(load("faces", vid)["record"]),
-            MasksRecord.model_validate(load("masks", vid)["record"]))
+    return (
+        EntitiesRecord.model_validate(load("entities", vid)["record"]),
+        FacesRecord.model_validate(load("faces", vid)["record"]),
+        MasksRecord.model_validate(load("masks", vid)["record"]),
+    )
 
 
 def test_selection_pins_faces_and_spreads_keyframes(world):
@@ -126,8 +137,15 @@ def test_one_flux_generation_per_plate_and_retry_when_a_person_remains(world, fl
     for p in faces.persons:
         cx, cy = (int(v) for v in p.boxes[two.keyframe].center)
         assert fg[cy, cx]
-    frame = np.asarray(Image.open(world.work.abs(
-        world.work.load("keyframes", world.ids["two_people"])["record"]["keyframes"][two.keyframe]["path"])).convert("RGB"))
+    frame = np.asarray(
+        Image.open(
+            world.work.abs(
+                world.work.load("keyframes", world.ids["two_people"])["record"]["keyframes"][two.keyframe][
+                    "path"
+                ]
+            )
+        ).convert("RGB")
+    )
     assert np.array_equal(plate[~fg], frame[~fg])
 
 

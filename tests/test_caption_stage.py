@@ -141,11 +141,11 @@ def test_undecodable_video_fails_alone(tmp_path, video_files):
 
 
 def test_prompt_text_and_caption_config_are_in_the_fingerprint(tmp_path, monkeypatch):
-    import tasks.entities
+    import tasks.prompts
 
     (tmp_path / "a.txt").write_text("Describe the video.")
     (tmp_path / "b.txt").write_text("Describe the video densely.")
-    monkeypatch.setattr(tasks.entities, "PROMPTS_DIR", tmp_path)
+    monkeypatch.setattr(tasks.prompts, "PROMPTS_DIR", tmp_path)
     up = {"ingest": "fp-ingest"}
     fp_a = _stage(tmp_path, "model", prompt_file="a.txt").fingerprint(up)
     fp_b = _stage(tmp_path, "model", prompt_file="b.txt").fingerprint(up)

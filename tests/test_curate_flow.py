@@ -124,10 +124,22 @@ def test_sigkill_midway_then_resume_gives_same_samples(curated, tmp_path):
     videos = out_ref.parent / "videos"
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(videos), str(out), "--profile", "offline", "--no-progress",
-           "--set", "run.batch_size=1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        str(videos),
+        str(out),
+        "--profile",
+        "offline",
+        "--no-progress",
+        "--set",
+        "run.batch_size=1",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 600
     # Kill once some, but not all, videos have their faces found: mid-pipeline, files being written.
     while time.monotonic() < deadline and proc.poll() is None:

@@ -303,7 +303,7 @@ def _person(pid: int, boxes: dict[int, tuple], face: bool = True) -> Person:
     return Person(
         person_id=pid,
         boxes=b,
-        scores={k: 0.9 for k in b},
+        scores=dict.fromkeys(b, 0.9),
         face=FaceDetection(keyframe=first, box=Box.from_tuple((0, 0, 10, 10)), score=0.9) if face else None,
         face_path=f"media/v/face_{pid}.png" if face else None,
     )

@@ -28,7 +28,11 @@ B = Box.from_tuple
 
 # The offline profile's persons and faces sections (real packaged weights, CPU).
 OFFLINE = {
-    "persons": {"model": {"backend": "opencv-hog", "device": "cpu"}, "min_score": 0.6, "require_person": False},
+    "persons": {
+        "model": {"backend": "opencv-hog", "device": "cpu"},
+        "min_score": 0.6,
+        "require_person": False,
+    },
     "faces": {"model": {"backend": "dlib", "device": "cpu"}, "min_score": 0.6, "persons_from_faces": True},
 }
 
@@ -39,7 +43,11 @@ def test_linking_survives_persons_swapping_order_between_keyframes():
     moved = lambda b, dx: B((b.x0 + dx, b.y0, b.x1 + dx, b.y1))  # noqa: E731
     boxes = {
         0: [left, right],
-        1: [moved(right, 5), moved(left, 5), B((400, 0, 450, 100))],  # detector lists them the other way round
+        1: [
+            moved(right, 5),
+            moved(left, 5),
+            B((400, 0, 450, 100)),
+        ],  # detector lists them the other way round
         2: [moved(left, 10)],
     }
     tracks = link_across_keyframes(boxes, min_iou=0.3)
@@ -56,7 +64,10 @@ def test_linking_anchor_is_the_fullest_keyframe_ties_to_the_middle():
 
 
 def test_linking_uses_faces_when_person_boxes_disagree():
-    body, extrapolated = B((0, 0, 100, 300)), B((100, 0, 200, 300))  # IoU 0: a detector box vs a face-made box
+    body, extrapolated = (
+        B((0, 0, 100, 300)),
+        B((100, 0, 200, 300)),
+    )  # IoU 0: a detector box vs a face-made box
     face = B((30, 20, 70, 60))
     tracks = link_across_keyframes({0: [body], 1: [extrapolated]}, 0.3, faces={0: [face], 1: [face]})
     assert tracks == [{0: 0, 1: 0}]
@@ -155,8 +166,10 @@ def test_group_photo_offline_gives_five_or_more_persons_with_faces(tmp_path, mtc
 
 
 def test_astronaut_with_mtcnn_gives_one_person_one_face(tmp_path, dlib_checker):
-    overrides = {**OFFLINE, "faces": {**OFFLINE["faces"], "model": {"backend": "mtcnn", "device": "cpu"},
-                                      "min_score": 0.95}}
+    overrides = {
+        **OFFLINE,
+        "faces": {**OFFLINE["faces"], "model": {"backend": "mtcnn", "device": "cpu"}, "min_score": 0.95},
+    }
     rec, work = _run(tmp_path, "astro", astronaut_frames(), overrides)
     assert isinstance(rec, FacesRecord), rec
     assert len(rec.persons_with_face) == 1
@@ -174,8 +187,12 @@ def test_person_without_a_face_is_kept_with_a_reason(tmp_path):
     ctx = video_with_keyframes(work, "astro", frames)
     face_person = PersonDetection(keyframe=0, box=B((120, 0, 380, 360)), score=0.9)
     wall = PersonDetection(keyframe=0, box=B((0, 200, 60, 360)), score=0.7)
-    work.save_ok("persons", "astro", "t", PersonsRecord(video_id="astro", model={"backend": "x"},
-                                                          detections=[face_person, wall]))
+    work.save_ok(
+        "persons",
+        "astro",
+        "t",
+        PersonsRecord(video_id="astro", model={"backend": "x"}, detections=[face_person, wall]),
+    )
     rec = FacesStage(cfg, work).process([ctx])["astro"]
     assert isinstance(rec, FacesRecord)
     by_box = {p.boxes[0].x0: p for p in rec.persons}
@@ -192,9 +209,16 @@ def test_no_usable_face_fails_the_video(tmp_path):
     cfg = load_config("offline", strict)
     work = WorkDir(tmp_path / "w2")
     ctx = video_with_keyframes(work, "astro", astronaut_frames())
-    work.save_ok("persons", "astro", "t", PersonsRecord(
-        video_id="astro", model={"backend": "x"},
-        detections=[PersonDetection(keyframe=k, box=B((100, 0, 400, 360)), score=0.9) for k in range(3)]))
+    work.save_ok(
+        "persons",
+        "astro",
+        "t",
+        PersonsRecord(
+            video_id="astro",
+            model={"backend": "x"},
+            detections=[PersonDetection(keyframe=k, box=B((100, 0, 400, 360)), score=0.9) for k in range(3)],
+        ),
+    )
     err = FacesStage(cfg, work).process([ctx])["astro"]
     assert isinstance(err, StageError) and err.reason == "no_face" and "none usable" in str(err)
 
@@ -202,10 +226,19 @@ def test_no_usable_face_fails_the_video(tmp_path):
 def test_insightface_test_build_through_the_stage(tmp_path):
     overrides = {
         "persons": {"model": {"backend": "opencv-hog", "device": "cpu"}, "require_person": False},
-        "faces": {"model": {"backend": "insightface", "random_init": True, "device": "cpu",
-                            "options": {"det_size": [128, 128], "det_thresh": 0.55}},
-                  "min_score": 0.0, "min_size_px": 1, "min_sharpness": 0.0, "min_frontalness": 0.0,
-                  "persons_from_faces": True},
+        "faces": {
+            "model": {
+                "backend": "insightface",
+                "random_init": True,
+                "device": "cpu",
+                "options": {"det_size": [128, 128], "det_thresh": 0.55},
+            },
+            "min_score": 0.0,
+            "min_size_px": 1,
+            "min_sharpness": 0.0,
+            "min_frontalness": 0.0,
+            "persons_from_faces": True,
+        },
     }
     rec, work = _run(tmp_path, "group", group_pan_frames(), overrides)
     # Random weights (seeded): whatever it finds, the record is well formed and flagged as not data.

@@ -133,7 +133,7 @@ def test_probe_has_audio(tmp_path):
         v = out.add_stream("libx264", rate=16)
         v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
         a = out.add_stream("aac", rate=16000, layout="mono")
-        for i, img in enumerate(frames(20)):
+        for _i, img in enumerate(frames(20)):
             for p in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 out.mux(p)
         for k in range(20):

@@ -76,7 +76,9 @@ def test_masks_stage_grounds_in_person_boxes_and_records_reasons(world):
     by_key = {e.key: e for e in rec.entities}
     assert set(by_key) == {"person_0", "person_1", "attr_0_0", "attr_0_1", "attr_1_0", "object_0", "object_1"}
     assert by_key["person_0"].valid_keyframes() == [0, 1, 2]
-    assert by_key["attr_0_1"].label == "long strawberry-blonde hair" and by_key["attr_0_1"].valid_keyframes() == [0, 1, 2]
+    assert by_key["attr_0_1"].label == "long strawberry-blonde hair" and by_key[
+        "attr_0_1"
+    ].valid_keyframes() == [0, 1, 2]
     assert by_key["object_0"].reasons() == {0: "empty"}
     assert by_key["attr_0_0"].reasons() == {2: "fragmented"}
     assert by_key["object_1"].reasons() == {1: NOT_GROUNDED}
@@ -105,7 +107,9 @@ def test_subject_without_person_box_on_a_keyframe(world, tmp_path):
     try:
         faces.persons[1].boxes.pop(2)
         world.work.save_ok("faces", two, "faces", faces)
-        stage = MasksStage(CurateConfig(subjects=True), world.work, grounder=FakeGrounder(), segmenter=FakeSegmenter())
+        stage = MasksStage(
+            CurateConfig(subjects=True), world.work, grounder=FakeGrounder(), segmenter=FakeSegmenter()
+        )
         rec = _run(world, stage)[two]
         by_key = {e.key: e for e in rec.entities}
         assert by_key["person_1"].reasons() == {2: NOT_ON_KEYFRAME}
@@ -120,8 +124,12 @@ def test_masks_stage_with_tiny_random_models(world):
     cfg = CurateConfig(
         subjects=True,
         masks=MasksConfig(
-            grounder=ModelSpec(backend="grounding-dino", random_init=True, device="cpu",
-                               options={"box_threshold": 0.0, "text_threshold": 0.0}),
+            grounder=ModelSpec(
+                backend="grounding-dino",
+                random_init=True,
+                device="cpu",
+                options={"box_threshold": 0.0, "text_threshold": 0.0},
+            ),
             segmenter=ModelSpec(backend="sam", random_init=True, device="cpu"),
         ),
     )
@@ -136,8 +144,11 @@ def test_masks_stage_with_tiny_random_models(world):
             for f in e.frames:
                 assert f.ok or f.reason, (vid, e.key, f)
                 if e.kind == "attribute" and f.box is not None:
-                    person = next(p for p in FacesRecord.model_validate(
-                        world.work.load("faces", vid)["record"]).persons if p.person_id == e.person_id)
+                    person = next(
+                        p
+                        for p in FacesRecord.model_validate(world.work.load("faces", vid)["record"]).persons
+                        if p.person_id == e.person_id
+                    )
                     assert f.box.fraction_inside(person.boxes[f.keyframe]) == pytest.approx(1.0)
     # With zero thresholds every phrase gets a box, so every entity reached SAM and was checked.
     checked = [f for rec in out.values() for e in rec.entities for f in e.frames if f.check is not None]

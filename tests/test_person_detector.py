@@ -44,7 +44,9 @@ def test_hog_scores_are_sorted_and_nms_removes_duplicates():
 
 
 def test_yolo_test_build_runs_ultralytics_predict_on_cpu():
-    spec = ModelSpec(backend="yolo", random_init=True, device="cpu", batch_size=2, options={"imgsz": 160, "conf": 0.0})
+    spec = ModelSpec(
+        backend="yolo", random_init=True, device="cpu", batch_size=2, options={"imgsz": 160, "conf": 0.0}
+    )
     det = PERSON_DETECTORS.build(spec)
     assert det.info.random_weights
     rng = np.random.default_rng(0)

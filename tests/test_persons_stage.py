@@ -71,9 +71,19 @@ def test_fingerprint_follows_thresholds_and_model(tmp_path):
 
 
 def test_yolo_test_build_through_the_stage(tmp_path):
-    stage = _stage(tmp_path, {"model": {"backend": "yolo", "random_init": True, "device": "cpu",
-                                        "options": {"imgsz": 160, "conf": 0.0}},
-                              "min_height_frac": 0.0}, profile="test")
+    stage = _stage(
+        tmp_path,
+        {
+            "model": {
+                "backend": "yolo",
+                "random_init": True,
+                "device": "cpu",
+                "options": {"imgsz": 160, "conf": 0.0},
+            },
+            "min_height_frac": 0.0,
+        },
+        profile="test",
+    )
     ctx = video_with_keyframes(stage.work, "group", group_pan_frames())
     rec = stage.process([ctx])["group"]
     assert isinstance(rec, PersonsRecord) and rec.model.random_weights

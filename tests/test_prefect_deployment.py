@@ -27,7 +27,9 @@ def _free_port() -> int:
 
 def _prefect(env: dict, *args: str, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "prefect"
-    proc = subprocess.run([str(exe), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [str(exe), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -66,19 +68,39 @@ def test_deployment_run_writes_shards(tmp_path: Path):
     logs = tmp_path / "logs"
     logs.mkdir()
     exe = str(Path(sys.executable).parent / "prefect")
-    server = subprocess.Popen([exe, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=(logs / "server.log").open("w"), stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [exe, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=(logs / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
     worker = None
     try:
         _wait_healthy(api, server)
         _prefect(env, "work-pool", "create", "lumosx-process", "--type", "process")
         _prefect(env, "--no-prompt", "deploy", "--all")
-        worker = subprocess.Popen([exe, "worker", "start", "--pool", "lumosx-process"], env=env, cwd=REPO,
-                                  stdout=(logs / "worker.log").open("w"), stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [exe, "worker", "start", "--pool", "lumosx-process"],
+            env=env,
+            cwd=REPO,
+            stdout=(logs / "worker.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
         run = _prefect(
-            env, "deployment", "run", "curate/raw-videos",
-            "--param", f"input={videos}", "--param", f"output={out}", "--param", "profile=offline",
-            "--watch", "--watch-timeout", "900", timeout=960,
+            env,
+            "deployment",
+            "run",
+            "curate/raw-videos",
+            "--param",
+            f"input={videos}",
+            "--param",
+            f"output={out}",
+            "--param",
+            "profile=offline",
+            "--watch",
+            "--watch-timeout",
+            "900",
+            timeout=960,
         )
         assert "Completed" in run.stdout, run.stdout + (logs / "worker.log").read_text()[-4000:]
     finally:

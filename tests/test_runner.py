@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from schemas.config import CurateConfig, load_config
 from schemas.records import CaptionRecord, VideoRecord
@@ -23,10 +24,12 @@ class EchoStage(Stage[CaptionRecord]):
         for v in videos:
             if v.video_id == "bad":
                 out[v.video_id] = StageError("too_dull", "nothing happens in this video")
-            elif v.video_id == "crash" :
+            elif v.video_id == "crash":
                 raise ValueError("decoder exploded")
             else:
-                out[v.video_id] = CaptionRecord(video_id=v.video_id, caption=f"about {v.video_id}", source="model")
+                out[v.video_id] = CaptionRecord(
+                    video_id=v.video_id, caption=f"about {v.video_id}", source="model"
+                )
         return out
 
 
@@ -39,9 +42,23 @@ class FlakyStage(EchoStage):
 
 def _ingest(work: WorkDir, ids: list[str]) -> None:
     for vid in ids:
-        work.save_ok("ingest", vid, "fp-ingest", VideoRecord(
-            video_id=vid, uri=f"/videos/{vid}.mp4", size_bytes=1, container="mp4", codec="h264",
-            width=64, height=64, fps=16.0, duration_s=2.0, num_frames=32))
+        work.save_ok(
+            "ingest",
+            vid,
+            "fp-ingest",
+            VideoRecord(
+                video_id=vid,
+                uri=f"/videos/{vid}.mp4",
+                size_bytes=1,
+                container="mp4",
+                codec="h264",
+                width=64,
+                height=64,
+                fps=16.0,
+                duration_s=2.0,
+                num_frames=32,
+            ),
+        )
 
 
 @pytest.fixture
@@ -106,7 +123,7 @@ def test_profiles_load(profile: str):
 def test_overrides_and_unknown_keys():
     cfg = load_config("offline", {"faces": {"min_size_px": 48}})
     assert cfg.faces.min_size_px == 48
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="min_size"):
         load_config("offline", {"faces": {"min_size": 48}})
 
 

@@ -85,7 +85,10 @@ def test_changed_sample_rewrites_its_shard(tmp_path: Path):
     summary = write_shards(out, samples, ShardConfig(maxcount=10))
     assert summary.total_samples == 2
     index = load_index(out)
-    assert {k: fp for e in index.shards for k, fp in e.sample_fingerprints.items()} == {"v0": "fp1", "v1": "fp2"}
+    assert {k: fp for e in index.shards for k, fp in e.sample_fingerprints.items()} == {
+        "v0": "fp1",
+        "v1": "fp2",
+    }
 
 
 @pytest.mark.parametrize("n", [1, 5])
@@ -97,8 +100,14 @@ def test_manifest_rows_equal_samples(tmp_path: Path, n: int):
     from tasks.shards import write_failures
 
     fails = [
-        FailureRecord(video_id=f"v{i}", uri=f"/x/{i}.mp4", stage="ingest", error_class="corrupt", message="bad",
-                      time=datetime.now(timezone.utc))
+        FailureRecord(
+            video_id=f"v{i}",
+            uri=f"/x/{i}.mp4",
+            stage="ingest",
+            error_class="corrupt",
+            message="bad",
+            time=datetime.now(timezone.utc),
+        )
         for i in range(n)
     ]
     assert write_failures(tmp_path, fails) == n

@@ -7,7 +7,6 @@ profile (all random builds): failures must be recorded with reasons, nothing may
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import shutil
@@ -33,7 +32,9 @@ from tasks.sample import SampleStage
 from tasks.select import all_from_one_keyframe
 from tasks.shards import PendingSample, write_shards
 
-CONFIG = CurateConfig(subjects=True, clip=ClipConfig(max_side=320), background=BackgroundConfig(max_retries=1))
+CONFIG = CurateConfig(
+    subjects=True, clip=ClipConfig(max_side=320), background=BackgroundConfig(max_retries=1)
+)
 
 
 class CountingPipe:
@@ -50,8 +51,14 @@ def curated(tmp_path_factory, sample_videos):
     """Run every stage on two_people (2 subjects, objects, background) and astronaut_zoom (no background)."""
     root = tmp_path_factory.mktemp("subjects")
     w = build_world(root, sample_videos, ("two_people", "astronaut_zoom"), CONFIG)
-    flux = INPAINTERS.build(ModelSpec(backend="flux-fill", random_init=True, device="cpu",
-                                      options={"num_inference_steps": 2, "max_side": 64}))
+    flux = INPAINTERS.build(
+        ModelSpec(
+            backend="flux-fill",
+            random_init=True,
+            device="cpu",
+            options={"num_inference_steps": 2, "max_side": 64},
+        )
+    )
     flux.pipe = CountingPipe(flux.pipe)
     vids = sorted(w.ids.values())
     stages = [
@@ -64,8 +71,11 @@ def curated(tmp_path_factory, sample_videos):
         w.fingerprints[stage.name] = stage.fingerprint(w.fingerprints)
         out = run_stage_batch(stage, vids, w.fingerprints)
         assert sorted(out.ok) == vids, (stage.name, out)
-    summary = write_shards(root / "out", [PendingSample(v, w.work.samples / v, w.fingerprints["sample"])
-                                         for v in vids], ShardConfig())
+    summary = write_shards(
+        root / "out",
+        [PendingSample(v, w.work.samples / v, w.fingerprints["sample"]) for v in vids],
+        ShardConfig(),
+    )
     assert summary.total_samples == 2
     return w, root, flux
 
@@ -91,7 +101,9 @@ def test_v2_sample_formats_and_relation_graph(curated):
     assert meta.schema_version == 2 and meta.upgraded_from is None
     assert [(p.person_id, p.label) for p in meta.persons] == [(0, "woman"), (1, "man")]
     assert [[a.label for a in p.attributes] for p in meta.persons] == [
-        ["black top", "long strawberry-blonde hair"], ["dark red shirt"]]
+        ["black top", "long strawberry-blonde hair"],
+        ["dark red shirt"],
+    ]
     assert [o.label for o in meta.objects] == ["playing cards", "blue poker chip"]
     assert meta.background is not None and meta.background.label == "plain beige wall"
 
@@ -104,8 +116,10 @@ def test_v2_sample_formats_and_relation_graph(curated):
     assert len({p.face for p in meta.persons}) == len(meta.persons) == 2
 
     extra = meta.model_extra
-    boxes = {p.person_id: {int(k): Box.model_validate(b) for k, b in p.model_extra["boxes"].items()}
-             for p in meta.persons}
+    boxes = {
+        p.person_id: {int(k): Box.model_validate(b) for k, b in p.model_extra["boxes"].items()}
+        for p in meta.persons
+    }
     for p in meta.persons:
         assert p.face_keyframe == 1 and p.face_box is not None
         # Attribute: white-background cut-out of its mask, grounded inside ITS person's box on its keyframe.
@@ -118,8 +132,16 @@ def test_v2_sample_formats_and_relation_graph(curated):
         assert p.whole_keyframe == extra["selection"][f"person_{p.person_id}"]
     for o in meta.objects:
         _white_outside(d / o.image, d / o.mask)
-    assert {"attrmask_0_0.png", "attrmask_0_1.png", "attrmask_1_0.png", "objmask_0.png", "objmask_1.png",
-            "personmask_0.png", "personmask_1.png", "background.png"} <= members
+    assert {
+        "attrmask_0_0.png",
+        "attrmask_0_1.png",
+        "attrmask_1_0.png",
+        "objmask_0.png",
+        "objmask_1.png",
+        "personmask_0.png",
+        "personmask_1.png",
+        "background.png",
+    } <= members
 
     # One keyframe per entity, not all from the same one; the plate is the selected background keyframe's.
     assert not all_from_one_keyframe(extra["selection"])
@@ -166,9 +188,15 @@ def test_export_official_case_round_trip(curated):
     assert sorted(report.written) == sorted(w.ids.values())
     case = cases / w.ids["two_people"]
     assert sorted(p.name for p in (case / "subjects" / "1").iterdir()) == [
-        "black top.png", "face_woman.png", "long strawberry-blonde hair.png"]
+        "black top.png",
+        "face_woman.png",
+        "long strawberry-blonde hair.png",
+    ]
     assert (case / "background" / "plain beige wall.png").is_file()
-    assert sorted(p.name for p in (case / "objects").iterdir()) == ["blue poker chip.png", "playing cards.png"]
+    assert sorted(p.name for p in (case / "objects").iterdir()) == [
+        "blue poker chip.png",
+        "playing cards.png",
+    ]
 
     meta, d = _meta(w, "two_people")
     imported, members = import_case(case)
@@ -221,11 +249,21 @@ def test_flow_with_random_test_builds_records_failures(prefect_harness, sample_v
         "persons": offline.persons.model_dump(mode="json"),
         "faces": offline.faces.model_dump(mode="json"),
     }
-    report = curate(input=str(videos), output=str(tmp_path / "out"), profile="test", overrides=overrides,
-                    progress=False)
+    report = curate(
+        input=str(videos), output=str(tmp_path / "out"), profile="test", overrides=overrides, progress=False
+    )
     stages = report["stages"]
-    assert list(stages) == ["ingest", "keyframes", "caption", "persons", "faces", "entities", "masks",
-                            "background", "sample"]
+    assert list(stages) == [
+        "ingest",
+        "keyframes",
+        "caption",
+        "persons",
+        "faces",
+        "entities",
+        "masks",
+        "background",
+        "sample",
+    ]
     assert report["videos_found"] == 1
     failed = {name: s["failed"] for name, s in stages.items() if s["failed"]}
     # Either the video made it to a (flagged) sample or one stage recorded why it did not.
@@ -249,10 +287,10 @@ class _ScriptedBackend:
 def test_flow_makes_v2_samples_with_scripted_entities(prefect_harness, sample_videos, tmp_path, monkeypatch):
     """The whole flow with real offline detectors, scripted entity answers and random GroundingDINO, SAM and
     FLUX builds: the subject stages run inside Prefect tasks and the run ends with v2 samples in shards."""
+    import tasks.entities
     from flows.curate import curate
     from models.base import Registry
     from schemas.config import load_config
-    import tasks.entities
 
     registry = Registry("entities model")
     registry.register("qwen2.5-vl")(_ScriptedBackend)
