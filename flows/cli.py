@@ -95,6 +95,35 @@ def _sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _single_dir(args: argparse.Namespace) -> argparse.Namespace:
+    if len(args.shards) == 1:
+        args.shards = args.shards[0]  # a directory or one shard
+    return args
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tasks.official_export import export_cases
+
+    report = export_cases(args.shards, args.output, task=args.task, overwrite=args.overwrite)
+    print(json.dumps({"written": len(report.written), "failed": report.reasons()}))
+    return min(len(report.failures), 125)
+
+
+def _build_benchmark(args: argparse.Namespace) -> int:
+    from flows.benchmark_builder import build_benchmark
+
+    summary = build_benchmark(
+        shards=args.shards,
+        out_dir=args.output,
+        mix=args.mix,
+        seed=args.seed,
+        train_shards=args.train_shards,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(summary, default=str)[:2000])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Without PREFECT_API_URL the flow starts a temporary local server; 20 s (the default) is tight on 2 busy cores.
@@ -128,6 +157,24 @@ def main(argv: list[str] | None = None) -> int:
     sd.add_argument("output")
     sd.add_argument("--bad", action="store_true")
     sd.set_defaults(func=_sample_data)
+
+    ex = sub.add_parser("export", help="write shard samples as official LumosX case folders")
+    ex.add_argument("shards", nargs="+", help="shard files or a directory of shards")
+    ex.add_argument("output")
+    ex.add_argument("--task", choices=["subject", "identity"], default="subject")
+    ex.add_argument("--overwrite", action="store_true")
+    ex.set_defaults(func=lambda a: _export(_single_dir(a)))
+
+    bb = sub.add_parser("build-benchmark", help="held-out identity/subject test sets in the official layout")
+    bb.add_argument("shards", help="directory of curated shards to draw from")
+    bb.add_argument("output")
+    bb.add_argument("--mix", type=int, nargs=3, default=[220, 230, 50], metavar=("ONE", "TWO", "THREE"))
+    bb.add_argument("--seed", type=int, default=0)
+    bb.add_argument(
+        "--train-shards", default=None, help="shards used for training, to keep out of the test set"
+    )
+    bb.add_argument("--overwrite", action="store_true")
+    bb.set_defaults(func=_build_benchmark)
 
     args = parser.parse_args(argv)
     return args.func(args)
