@@ -196,8 +196,11 @@ def curate(
     outcomes: dict[str, BatchOutcome] = {s: BatchOutcome(stage=s) for s in ["ingest", *stages]}
 
     # Ingest first, as a barrier: identical files at two paths collapse to one content id before batching.
+    # Retries are configuration (the decorator's value is only the default).
+    ingest = ingest_task.with_options(retries=config.run.retries)
+    run_stage = stage_task.with_options(retries=config.run.retries)
     ingest_futures = [
-        ingest_task.submit(batch, config, str(work.root), i)
+        ingest.submit(batch, config, str(work.root), i)
         for i, batch in enumerate(_chunks(uris, config.run.batch_size))
     ]
     for fut in ingest_futures:
@@ -206,16 +209,25 @@ def curate(
 
     batches = _chunks(video_ids, config.run.batch_size)
     bar = _Progress(stages, len(batches), progress)
-    futures: dict[PrefectFuture, str] = {}
-    for i, batch in enumerate(batches):
-        upstream: Any = batch
-        for name in stages:
-            upstream = stage_task.submit(name, upstream, config, str(work.root), fps, i)
-            futures[upstream] = name
-    for fut in as_completed(list(futures)):
-        name = futures[fut]
+    # A sliding window of batches: each batch's chain of stage tasks is submitted when an earlier batch has
+    # left the pipeline, so a million-video run never holds (or registers with the server) every task at once.
+    todo = list(enumerate(batches))[::-1]
+    in_flight: dict[PrefectFuture, str] = {}
+    open_chains = 0
+    while todo or in_flight:
+        while todo and open_chains < config.run.max_batches_in_flight:
+            i, batch = todo.pop()
+            upstream: Any = batch
+            for name in stages:
+                upstream = run_stage.submit(name, upstream, config, str(work.root), fps, i)
+                in_flight[upstream] = name
+            open_chains += 1
+        fut = next(as_completed(list(in_flight)))
+        name = in_flight.pop(fut)
         outcomes[name].merge(fut.result())
         bar.step(name)
+        if name == stages[-1]:
+            open_chains -= 1
     bar.close()
 
     sample_ids = outcomes["sample"].ok

@@ -105,6 +105,11 @@ class RunConfig(Section):
     batch_size: int = Field(
         8, ge=1, description="videos per Prefect task; tasks map over batches, not videos"
     )
+    max_batches_in_flight: int = Field(
+        8,
+        ge=1,
+        description="batches submitted ahead through the stage pipeline (bounds memory and server load)",
+    )
     gpu_slot: str | None = Field(
         "gpu",
         description="global concurrency limit held by GPU stages (create it with `prefect gcl create gpu`)",
