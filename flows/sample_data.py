@@ -62,11 +62,14 @@ def write_video(
     start_time_s: float = 0.0,
     container_format: str = "mp4",
     faststart: bool = False,
+    rotation: int = 0,
+    mirrored: bool = False,
 ) -> Path:
     """Encode frames (HxWx3 uint8 RGB arrays, PIL images or PyAV frames) to a video file, atomically.
 
     `start_time_s` shifts every timestamp (the stream then starts later than 0, as in many real files);
-    `gop` sets the keyframe interval (seek tests need several GOPs).
+    `gop` sets the keyframe interval (seek tests need several GOPs). `rotation` (degrees clockwise) and
+    `mirrored` write a display matrix telling players to turn the frames, as phones do (mp4/mov only).
     """
     path = Path(path)
     rate = Fraction(fps)
@@ -88,6 +91,8 @@ def write_video(
                     out, vf.width, vf.height, rate, crf=crf, encoder=encoder, gop=gop, preset=preset
                 )
                 stream.codec_context.time_base = time_base
+                if rotation or mirrored:  # PyAV's angle is counter-clockwise
+                    stream.set_display_rotation(-rotation, hflip=mirrored)
             vf.pts, vf.time_base = first_pts + i, time_base
             for packet in stream.encode(vf):
                 out.mux(packet)
@@ -179,6 +184,34 @@ def _synthetic_frames(num_frames: int, width: int = 160, height: int = 120) -> I
         g = (y * 255 // height + 2 * i) % 256
         b = ((x + y + 8 * i) % 64) * 4
         yield np.stack([r, g, b], axis=-1).astype(np.uint8)
+
+
+def orientation_chart(width: int, height: int) -> np.ndarray:
+    """An upright picture that looks different under every turn and mirror: four quadrants, white top-left, red
+    top-right, green bottom-left, blue bottom-right (HxWx3 uint8)."""
+    chart = np.empty((height, width, 3), np.uint8)
+    h, w = height // 2, width // 2
+    chart[:h, :w], chart[:h, w:] = (235, 235, 235), (200, 40, 40)
+    chart[h:, :w], chart[h:, w:] = (40, 200, 40), (40, 40, 200)
+    return chart
+
+
+def write_rotated_video(
+    path: str | Path,
+    upright: Iterable[np.ndarray],
+    fps: int | Fraction = 16,
+    *,
+    rotation: int = 90,
+    mirrored: bool = False,
+    **kw,
+) -> Path:
+    """A phone-style video of `upright` frames (HxWx3 arrays): each stored turned back (mirrored, then `rotation`
+    degrees counter-clockwise) with a display matrix that tells players to show it upright again."""
+    if rotation % 90:
+        raise ValueError(f"rotation must be a multiple of 90 degrees, got {rotation}")
+    # np.rot90 turns counter-clockwise (rows top to bottom); the display matrix mirrors after rotating.
+    stored = (np.rot90(np.fliplr(f) if mirrored else f, k=rotation // 90) for f in upright)
+    return write_video(path, stored, fps, rotation=rotation % 360, mirrored=mirrored, **kw)
 
 
 def _write_audio_only(path: Path, seconds: float = 1.0, rate: int = 44100) -> Path:

@@ -116,13 +116,23 @@ class VideoRecord(Record):
     size_bytes: int
     container: str
     codec: str
-    width: int
-    height: int
+    width: int = Field(description="display width: of the upright picture, after `rotation` and `mirrored`")
+    height: int = Field(
+        description="display height; the coded frame is height x width when rotation is 90/270"
+    )
     fps: float
     duration_s: float
     num_frames: int
     has_audio: bool = False
     sidecar_caption: str | None = None
+    rotation: Literal[0, 90, 180, 270] = Field(
+        0,
+        description="degrees clockwise a player turns the decoded frames to show them upright (the container's "
+        "display matrix; phones film portrait as landscape frames + 90). Curation outputs are already turned.",
+    )
+    mirrored: bool = Field(
+        False, description="the display matrix also mirrors left-right (after the rotation)"
+    )
 
 
 class CaptionRecord(Record):

@@ -2,8 +2,9 @@
 
 Training decodes frames only, so the stored clip is video-only whenever we re-encode: audio would add bytes to
 every shard and nothing to the model. A source that is already H.264/yuv420p in mp4/mov and small enough is
-copied byte for byte (no generation loss, no CPU spent); everything else (VP9/AV1 webm, 4K, 10-bit, mkv, avi)
-is transcoded once here so the trainer can rely on one codec, one container and a bounded frame size.
+copied byte for byte (no generation loss, no CPU spent); everything else (VP9/AV1 webm, 4K, 10-bit, mkv, avi,
+and phone video that players must rotate) is transcoded once here so the trainer can rely on one codec, one
+container, a bounded frame size and upright frames with no display matrix to honour.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import fsspec
 from schemas.config import ClipConfig
 from schemas.records import Record, VideoRecord
 from tasks.base import StageError, atomic_path
-from tasks.ingest import is_local, local_path, open_media
+from tasks.ingest import Orientation, frame_orientation, is_local, local_path, open_media
 
 # Pixel formats every H.264 decoder (and every training data loader) handles; 10-bit or 4:4:4 sources are
 # re-encoded even when their codec is H.264.
@@ -84,9 +85,12 @@ def add_video_stream(
 
 
 def write_clip(uri: str, video: VideoRecord, cfg: ClipConfig, out_path: Path) -> ClipInfo:
-    """Store the clip of `video` at `out_path` (written atomically; the name need not end in .mp4)."""
+    """Store the clip of `video` at `out_path` (written atomically; the name need not end in .mp4).
+
+    The stored clip is always upright: a source with a display rotation or mirror is transcoded with the turn
+    applied to the pixels (and no display matrix written), never copied. Width and height are the stored size.
+    """
     out_path = Path(out_path)
-    w, h = fit_within(video.width, video.height, cfg.max_side)
     if cfg.reencode == "auto" and _copyable(uri, video, cfg):
         with atomic_path(out_path) as tmp:
             if is_local(uri):
@@ -105,7 +109,7 @@ def write_clip(uri: str, video: VideoRecord, cfg: ClipConfig, out_path: Path) ->
         )
     encoder = pick_encoder()
     try:
-        fps = _transcode(uri, out_path, w, h, cfg.crf, encoder)
+        fps, w, h = _transcode(uri, out_path, cfg.max_side, cfg.crf, encoder)
     except av.error.FFmpegError as e:
         raise StageError("decode_error", f"cannot transcode {uri}: {e}") from e
     return ClipInfo(
@@ -122,15 +126,26 @@ def write_clip(uri: str, video: VideoRecord, cfg: ClipConfig, out_path: Path) ->
 def _copyable(uri: str, video: VideoRecord, cfg: ClipConfig) -> bool:
     if video.codec != "h264" or max(video.width, video.height) > cfg.max_side:
         return False
-    if not {"mp4", "mov"} & set(video.container.split(",")):
+    if not {"mp4", "mov"} & set(video.container.split(",")) or video.rotation or video.mirrored:
         return False
-    # The pixel format is not in the VideoRecord; reading it costs one header parse.
-    with open_media(uri) as container:
-        return container.streams.video[0].codec_context.pix_fmt in _COPYABLE_PIX_FMTS
+    # The pixel format is not in the VideoRecord; reading it costs one header parse. The orientation is checked
+    # on the file too (one frame decoded): a record made before ingest read orientations says 0 for every video.
+    try:
+        with open_media(uri) as container:
+            stream = container.streams.video[0]
+            if stream.codec_context.pix_fmt not in _COPYABLE_PIX_FMTS:
+                return False
+            frame = next(container.decode(stream), None)
+            return frame is not None and frame_orientation(stream, frame).upright
+    except av.error.FFmpegError:
+        return False  # the transcode attempt reports what is wrong with the file
 
 
-def _transcode(uri: str, out_path: Path, width: int, height: int, crf: int, encoder: str) -> float:
-    """Decode every frame, scale to (width, height), encode video-only mp4. Returns the output frame rate."""
+def _transcode(uri: str, out_path: Path, max_side: int, crf: int, encoder: str) -> tuple[float, int, int]:
+    """Decode every frame, turn it upright, scale it to fit `max_side`, encode video-only mp4.
+
+    Returns the output frame rate, width and height.
+    """
     with open_media(uri) as src, atomic_path(out_path) as tmp:
         ins = src.streams.video[0]
         ins.thread_type = "AUTO"
@@ -139,22 +154,58 @@ def _transcode(uri: str, out_path: Path, width: int, height: int, crf: int, enco
         time_base = ins.time_base or 1 / rate
         # faststart puts the index first: readers streaming the clip out of a tar need no seek to the end.
         with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as dst:
-            outs = add_video_stream(dst, width, height, rate, crf=crf, encoder=encoder)
-            outs.codec_context.time_base = time_base
+            outs: av.VideoStream | None = None
+            scaler: _UprightScaler | None = None
             first_pts: int | None = None
             last_pts = -1
             for i, frame in enumerate(src.decode(ins)):
+                if outs is None:
+                    # The first frame's display matrix and size set up the output; the encoder writes none.
+                    scaler = _UprightScaler(
+                        frame_orientation(ins, frame), frame.width, frame.height, max_side, time_base
+                    )
+                    outs = add_video_stream(dst, scaler.width, scaler.height, rate, crf=crf, encoder=encoder)
+                    outs.codec_context.time_base = time_base
                 pts = frame.pts if frame.pts is not None else round(i / rate / time_base)
                 first_pts = pts if first_pts is None else first_pts
                 pts = max(pts - first_pts, last_pts + 1)  # strictly increasing, even for broken sources
                 last_pts = pts
-                # AREA averages source pixels: the right filter for downscaling (no aliasing on 4K sources).
-                out_frame = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+                out_frame = scaler(frame)
                 out_frame.pts, out_frame.time_base = pts, time_base
                 for packet in outs.encode(out_frame):
                     dst.mux(packet)
-            if first_pts is None:
+            if outs is None or scaler is None:
                 raise StageError("decode_error", f"{uri}: no frame could be decoded")
             for packet in outs.encode():
                 dst.mux(packet)
-    return float(rate)
+    return float(rate), scaler.width, scaler.height
+
+
+class _UprightScaler:
+    """Scale a decoded frame to the output size and turn it upright (an FFmpeg filter graph; none if upright)."""
+
+    def __init__(
+        self, orientation: Orientation, width: int, height: int, max_side: int, time_base: Fraction
+    ) -> None:
+        display_w, display_h = orientation.display_size(width, height)
+        self.width, self.height = fit_within(display_w, display_h, max_side)
+        # Scale first, in the coded orientation: the turn then moves the fewest pixels.
+        self.coded_size = orientation.display_size(self.width, self.height)
+        self.graph: av.filter.Graph | None = None
+        if not orientation.upright:
+            graph = av.filter.Graph()
+            w, h = self.coded_size
+            nodes = [graph.add_buffer(width=w, height=h, format="yuv420p", time_base=time_base)]
+            nodes += [graph.add(name, args) for name, args in orientation.filters()]
+            nodes.append(graph.add("buffersink"))
+            graph.link_nodes(*nodes).configure()
+            self.graph = graph
+
+    def __call__(self, frame: av.VideoFrame) -> av.VideoFrame:
+        w, h = self.coded_size
+        # AREA averages source pixels: the right filter for downscaling (no aliasing on 4K sources).
+        scaled = frame.reformat(width=w, height=h, format="yuv420p", interpolation="AREA")
+        if self.graph is None:
+            return scaled
+        self.graph.push(scaled)
+        return self.graph.pull()  # transpose/flip filters give exactly one frame per frame

@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import posixpath
+import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import fsspec
+from av.sidedata.sidedata import Type as FrameSideData
 from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
 
 from schemas.config import CurateConfig, IngestConfig
 from schemas.records import FailureRecord, VideoRecord
@@ -56,6 +61,86 @@ def open_media(uri: str) -> Iterator[av.container.InputContainer]:
         return
     with fsspec.open(uri, "rb") as f, av.open(f, "r") as container:
         yield container
+
+
+# ---------------------------------------------------------------------------------------------- orientation
+@dataclass(frozen=True)
+class Orientation:
+    """How a decoded frame is turned to be shown upright: `rotation` degrees clockwise, then mirrored left-right.
+
+    Phones store portrait video as landscape frames plus a display matrix that tells players to turn them; FFmpeg's
+    decoders hand out the frames as stored. Every curation output (keyframes, sampled frames, stored clips) is
+    turned upright here, so nothing downstream (the trainer's decoder included) has to know about it.
+    """
+
+    rotation: int = 0  # 0, 90, 180 or 270
+    mirrored: bool = False
+
+    @property
+    def upright(self) -> bool:
+        return self.rotation == 0 and not self.mirrored
+
+    def display_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after turning; the same swap maps a display size back to the coded size."""
+        return (height, width) if self.rotation in (90, 270) else (width, height)
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        """The upright version of a decoded frame's image."""
+        # PIL's ROTATE_<n> turn counter-clockwise: a clockwise turn by r is ROTATE_<360 - r>.
+        ops = {
+            90: Image.Transpose.ROTATE_270,
+            180: Image.Transpose.ROTATE_180,
+            270: Image.Transpose.ROTATE_90,
+        }
+        if self.rotation:
+            image = image.transpose(ops[self.rotation])
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.mirrored else image
+
+    def filters(self) -> list[tuple[str, str | None]]:
+        """The same turn as FFmpeg filters (name, args), applied to frames in a `av.filter.Graph`."""
+        if self.rotation == 90:
+            # clockwise then mirrored = transpose about the main diagonal = FFmpeg's "cclock_flip"
+            return [("transpose", "cclock_flip" if self.mirrored else "clock")]
+        if self.rotation == 270:
+            return [("transpose", "clock_flip" if self.mirrored else "cclock")]
+        if self.rotation == 180:
+            return [("vflip", None)] if self.mirrored else [("hflip", None), ("vflip", None)]
+        return [("hflip", None)] if self.mirrored else []
+
+
+def frame_orientation(stream: av.VideoStream, frame: av.VideoFrame) -> Orientation:
+    """The orientation a player would show `frame` of `stream` in.
+
+    Read from the frame's display matrix (FFmpeg attaches the container's matrix, from mp4/mov ``tkhd`` or an
+    H.264/HEVC orientation SEI, to every decoded frame), else from a ``rotate`` stream tag (old FFmpeg versions
+    wrote that tag, clockwise degrees, when remuxing phone video to mkv). Angles that are not a multiple of 90
+    degrees (never written by cameras) are rounded to the nearest one.
+    """
+    side = frame.side_data.get(FrameSideData.DISPLAYMATRIX)
+    matrix = bytes(side) if side is not None else b""
+    if len(matrix) >= 36:
+        # The 3x3 matrix maps (x, y, 1) row vectors to display coordinates; entries 0, 1, 3, 4 are the 2x2
+        # linear part (16.16 fixed point). A negative determinant means a mirror, which FFmpeg's
+        # av_display_matrix_flip applies after the rotation by negating the first column: undo that, then read
+        # the pure rotation's clockwise angle.
+        a, b, _, c, d = struct.unpack("=5i", matrix[:20])  # native-endian int32, as FFmpeg stores it
+        mirrored = a * d - b * c < 0
+        if mirrored:
+            a, c = -a, -c
+        degrees = math.degrees(math.atan2(b, a))
+    else:
+        tag = {k.lower(): v for k, v in stream.metadata.items()}.get("rotate")
+        try:
+            degrees, mirrored = float(tag) if tag is not None else 0.0, False
+        except ValueError:
+            logger.warning("ignoring unreadable rotate tag %r on %s", tag, stream.container.name)
+            degrees, mirrored = 0.0, False
+    rotation = round(degrees / 90) % 4 * 90
+    if abs((degrees - rotation + 180) % 360 - 180) > 1:
+        logger.warning(
+            "display rotation %.1f deg rounded to %d on %s", degrees, rotation, stream.container.name
+        )
+    return Orientation(rotation, mirrored)
 
 
 # ---------------------------------------------------------------------------------------------- discovery
@@ -139,11 +224,12 @@ def _looks_like_video(head: bytes) -> bool:
 
 
 def probe(uri: str, video_id: str, cfg: IngestConfig) -> VideoRecord:
-    """Read what the file is (container, codec, size, rate, duration, frames) and check it is usable.
+    """Read what the file is (container, codec, display size and orientation, rate, duration, frames), check it.
 
     Raises `StageError` with reason ``empty_file``, ``not_a_video``, ``corrupt``, ``no_video_stream``,
     ``too_short``, ``too_long`` or ``too_large``. Decodes one frame, so a file whose header opens but whose
-    frames are missing or broken fails here rather than in every later stage.
+    frames are missing or broken fails here rather than in every later stage; its display matrix gives the
+    orientation, and width/height are the display (upright) size.
     """
     fs, path = _fs(uri)
     size = fs.size(path)
@@ -168,7 +254,7 @@ def _probe_open(
         raise StageError("no_video_stream", f"{uri} has no video stream (streams: {kinds})")
     stream = container.streams.video[0]
     cc = stream.codec_context
-    width, height = cc.width, cc.height
+    width, height = cc.width, cc.height  # the coded size; turned to the display size once a frame is decoded
     if width * height > cfg.max_pixels:
         raise StageError("too_large", f"{uri}: {width}x{height} exceeds max_pixels={cfg.max_pixels}")
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
@@ -185,7 +271,8 @@ def _probe_open(
         )
     if duration > cfg.max_duration_s:
         raise StageError("too_long", f"{uri}: {duration:.1f} s exceeds max_duration_s={cfg.max_duration_s}")
-    _check_first_frame(container, stream, uri)
+    orientation = frame_orientation(stream, _first_frame(container, stream, uri))
+    width, height = orientation.display_size(width, height)
     return VideoRecord(
         video_id=video_id,
         uri=uri,
@@ -198,6 +285,8 @@ def _probe_open(
         duration_s=duration,
         num_frames=num_frames,
         has_audio=bool(container.streams.audio),
+        rotation=orientation.rotation,
+        mirrored=orientation.mirrored,
     )
 
 
@@ -234,10 +323,10 @@ def _duration_s(container: av.container.InputContainer, stream: av.VideoStream) 
     return count / float(rate)
 
 
-def _check_first_frame(container: av.container.InputContainer, stream: av.VideoStream, uri: str) -> None:
+def _first_frame(container: av.container.InputContainer, stream: av.VideoStream, uri: str) -> av.VideoFrame:
     try:
-        for _ in container.decode(stream):
-            return
+        for frame in container.decode(stream):
+            return frame
     except av.error.FFmpegError as e:
         raise StageError("corrupt", f"{uri}: the first frame cannot be decoded: {e}") from e
     raise StageError("corrupt", f"{uri}: the video stream has no decodable frame (truncated file?)")

@@ -4,7 +4,8 @@ For each target time we seek to the last keyframe (I-frame) at or before it and 
 whose presentation time reaches it: the frame shown at that time, within one frame period, whatever the GOP
 length, frame-rate variability or stream start offset. Cost per target is at most one GOP of decoding, never
 the whole file (see benchmarks/bench_keyframes.py). Times are seconds from the stream's first frame, the same
-origin as `VideoRecord.duration_s`.
+origin as `VideoRecord.duration_s`. Images are upright: a frame the container says to rotate or mirror (phone
+video) is turned as a player would show it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from PIL import Image
 from schemas.records import Keyframe, KeyframesRecord, VideoRecord
 from tasks.base import Stage, StageError, VideoContext, atomic_write_bytes
 from tasks.clip import fit_within
-from tasks.ingest import open_media
+from tasks.ingest import frame_orientation, open_media
 
 _EPS_S = 1e-6  # float slack when comparing a frame time with a target time
 
@@ -86,8 +87,8 @@ def _seek_decode(
         yield i, current[0], current[1]
 
 
-def _frames_at(uri: str, times_s: Sequence[float], convert) -> list:
-    """`convert(frame_time, frame)` for every target time, in the order of `times_s`."""
+def _images_at(uri: str, times_s: Sequence[float], max_side: int | None) -> list[tuple[float, Image.Image]]:
+    """(frame time, upright RGB image with longer side <= `max_side`) for every target time, in `times_s` order."""
     out: list = [None] * len(times_s)
     try:
         with open_media(uri) as container:
@@ -96,22 +97,28 @@ def _frames_at(uri: str, times_s: Sequence[float], convert) -> list:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"  # slice + frame threads; the seek flushes them
             for i, t, frame in _seek_decode(container, stream, times_s):
-                out[i] = convert(t, frame)
+                out[i] = t, _upright_image(stream, frame, max_side)
     except av.error.FFmpegError as e:
         raise StageError("decode_error", f"cannot decode {uri}: {e}") from e
     return out
 
 
+def _upright_image(stream: av.VideoStream, frame: av.VideoFrame, max_side: int | None) -> Image.Image:
+    orientation = frame_orientation(stream, frame)
+    if max_side is None or max(frame.width, frame.height) <= max_side:
+        image = frame.to_image()
+    else:
+        # Scale in the coded orientation (the display size's even rounding, swapped back), then turn.
+        w, h = orientation.display_size(
+            *fit_within(*orientation.display_size(frame.width, frame.height), max_side)
+        )
+        image = frame.to_image(width=w, height=h, interpolation="AREA")
+    return orientation.apply(image)
+
+
 def sample_frames(uri: str, times_s: list[float], max_side: int | None = None) -> list[Image.Image]:
-    """RGB frames shown at `times_s` (seconds from the first frame), longer side scaled to <= `max_side`."""
-
-    def convert(_t: float, frame: av.VideoFrame) -> Image.Image:
-        if max_side is None or max(frame.width, frame.height) <= max_side:
-            return frame.to_image()
-        w, h = fit_within(frame.width, frame.height, max_side)
-        return frame.to_image(width=w, height=h, interpolation="AREA")
-
-    return _frames_at(uri, times_s, convert)
+    """Upright RGB frames shown at `times_s` (seconds from the first frame), longer side scaled to <= `max_side`."""
+    return [image for _t, image in _images_at(uri, times_s, max_side)]
 
 
 def _encode_image(image: Image.Image, fmt: str) -> bytes:
@@ -136,17 +143,14 @@ def extract_keyframes(
 ) -> list[Keyframe]:
     """Write the frames at `positions` (fractions of the duration) as ``out_dir/kf_<i>.<fmt>``.
 
-    Keyframe paths are relative to `relative_to` when given (the work directory), else as written.
+    Images are upright (the display size of `video`). Keyframe paths are relative to `relative_to` when given
+    (the work directory), else as written.
     `frame_index` is the frame's time times the nominal fps (exact for constant-frame-rate video).
     """
     if not all(0.0 <= p <= 1.0 for p in positions):
         raise ValueError(f"keyframe positions must lie in [0, 1], got {list(positions)}")
     targets = [p * video.duration_s for p in positions]
-
-    def convert(t: float, frame: av.VideoFrame) -> tuple[float, Image.Image]:
-        return t, frame.to_image()
-
-    frames = _frames_at(uri, targets, convert)
+    frames = _images_at(uri, targets, None)
     keyframes = []
     for i, ((t, image), position, target) in enumerate(zip(frames, positions, targets)):
         path = Path(out_dir) / f"kf_{i}.{fmt}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from schemas.config import CurateConfig, fingerprint
 from tasks.base import Stage, WorkDir
 
-INGEST_VERSION = "1"
+INGEST_VERSION = "2"  # 2: display size + rotation in VideoRecord
 
 
 def stage_classes(config: CurateConfig) -> list[type[Stage]]:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import av
 import fsspec
 import numpy as np
 import pytest
+from av.sidedata.sidedata import Type
+from PIL import Image
 
-from flows.sample_data import write_video
+from flows.sample_data import orientation_chart, write_rotated_video, write_video
 from schemas.config import ClipConfig, IngestConfig
 from tasks.clip import fit_within, write_clip
-from tasks.ingest import probe
+from tasks.ingest import Orientation, probe
 
 
 def frames(n: int, w: int, h: int):
@@ -126,3 +129,71 @@ def test_remote_source(tmp_path):
         assert info.mode == "transcode" and decode(tmp_path / "small.mp4")[1] == [(48, 32)] * 20
     finally:
         fs.rm("/clip_src", recursive=True)
+
+
+# ---------------------------------------------------------------------------------------------- rotation
+DISPLAYMATRIX = Type.DISPLAYMATRIX
+ORIENTATIONS = [Orientation(r, m) for r in (0, 90, 180, 270) for m in (False, True)]
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS, ids=str)
+def test_filters_turn_like_pil(orientation):
+    """The FFmpeg filters used on clips turn frames exactly as the PIL transposes used on keyframes."""
+    image = np.random.default_rng(1).integers(0, 255, (6, 10, 3), dtype=np.uint8)
+    graph = av.filter.Graph()
+    nodes = [graph.add_buffer(width=10, height=6, format="rgb24", time_base=Fraction(1, 16))]
+    nodes += [graph.add(name, args) for name, args in orientation.filters()]
+    nodes.append(graph.add("buffersink"))
+    graph.link_nodes(*nodes).configure()
+    graph.push(av.VideoFrame.from_ndarray(image, format="rgb24"))
+    turned = graph.pull().to_ndarray(format="rgb24")
+    want = np.asarray(orientation.apply(Image.fromarray(image)))
+    assert turned.shape == want.shape and (turned == want).all()
+    assert want.shape[1::-1] == orientation.display_size(10, 6)
+
+
+def quadrant_colours(frame: np.ndarray) -> np.ndarray:
+    """Mean colour of the middle of each quadrant (TL, TR, BL, BR), away from the edges that scaling blurs."""
+    h, w = frame.shape[0] // 4, frame.shape[1] // 4
+    centres = [(h, w), (h, 3 * w), (3 * h, w), (3 * h, 3 * w)]
+    return np.array(
+        [frame[y - h // 2 : y + h // 2, x - w // 2 : x + w // 2].mean(axis=(0, 1)) for y, x in centres]
+    )
+
+
+CHART = quadrant_colours(orientation_chart(48, 64))
+
+
+@pytest.mark.parametrize("rotation, mirrored", [(90, False), (180, False), (270, True)])
+def test_rotated_source_is_transcoded_upright(tmp_path, rotation, mirrored):
+    """A phone video is never copied (the trainer's decoder ignores display matrices): its pixels are turned."""
+    path = write_rotated_video(
+        tmp_path / "phone.mp4",
+        (orientation_chart(48, 64) for _ in range(8)),
+        rotation=rotation,
+        mirrored=mirrored,
+        crf=0,
+    )
+    video = probe(str(path), "vid", IngestConfig(min_frames=1, min_duration_s=0))
+    assert (video.width, video.height, video.rotation, video.mirrored) == (48, 64, rotation, mirrored)
+    for cfg, size in [(ClipConfig(), (48, 64)), (ClipConfig(max_side=32), (24, 32))]:
+        out = tmp_path / f"clip{cfg.max_side}.mp4"
+        info = write_clip(video.uri, video, cfg, out)
+        assert (info.mode, info.width, info.height) == ("transcode", *size)
+        with av.open(str(out)) as c:
+            decoded = list(c.decode(c.streams.video[0]))
+        assert len(decoded) == 8 and all((f.width, f.height) == size for f in decoded)
+        assert not any(f.side_data.get(DISPLAYMATRIX) for f in decoded)  # no display matrix left
+        assert np.abs(quadrant_colours(decoded[4].to_ndarray(format="rgb24")) - CHART).max() < 12
+
+
+def test_stale_record_of_rotated_source_is_not_copied(tmp_path):
+    """A record probed before ingest read orientations says rotation 0 and the coded size: the file decides."""
+    path = write_rotated_video(tmp_path / "phone.mp4", (orientation_chart(48, 64) for _ in range(8)), crf=0)
+    video = probe(str(path), "vid", IngestConfig(min_frames=1, min_duration_s=0))
+    stale = video.model_copy(update={"rotation": 0, "width": 64, "height": 48})
+    info = write_clip(stale.uri, stale, ClipConfig(), tmp_path / "clip.mp4")
+    assert (info.mode, info.width, info.height) == ("transcode", 48, 64)
+    with av.open(str(tmp_path / "clip.mp4")) as c:
+        frame = next(c.decode(c.streams.video[0]))
+    assert np.abs(quadrant_colours(frame.to_ndarray(format="rgb24")) - CHART).max() < 12

@@ -15,8 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.sample_data import make_bad_videos, write_video
+from flows.sample_data import make_bad_videos, write_rotated_video, write_video
 from schemas.config import CurateConfig, IngestConfig
+from schemas.records import VideoRecord
 from tasks.base import StageError, VideoContext, WorkDir
 from tasks.ingest import (
     IngestStage,
@@ -125,6 +126,39 @@ def test_probe_fields(tmp_path):
     assert (
         rec.duration_s == pytest.approx(1.0, abs=2e-3) and rec.num_frames == 24
     )  # mkv: 1 ms ticks and rec.container.startswith("matroska")
+
+    assert (rec.rotation, rec.mirrored) == (0, False)
+
+
+@pytest.mark.parametrize(
+    "rotation, mirrored", [(90, False), (180, False), (270, False), (90, True), (0, True)]
+)
+def test_probe_reports_display_size_and_orientation(tmp_path, rotation, mirrored):
+    """Phone video: landscape frames plus a display matrix. The record gives the size a player shows."""
+    upright = (np.zeros((64, 48, 3), np.uint8) for _ in range(20))  # portrait, 48 wide
+    path = write_rotated_video(tmp_path / "phone.mp4", upright, rotation=rotation, mirrored=mirrored)
+    with av.open(str(path)) as c:
+        stored = c.streams.video[0].codec_context
+        assert (stored.width, stored.height) == ((64, 48) if rotation in (90, 270) else (48, 64))
+    rec = probe(str(path), "vid", IngestConfig())
+    assert (rec.width, rec.height, rec.rotation, rec.mirrored) == (48, 64, rotation, mirrored)
+    assert VideoRecord.model_validate_json(rec.model_dump_json()) == rec
+
+
+def test_rotate_tag_of_old_remuxes(tmp_path):
+    """Old FFmpeg wrote a clockwise ``rotate`` stream tag (no display matrix) when remuxing phone video to mkv."""
+    path = tmp_path / "old.mkv"
+    with av.open(str(path), "w", format="matroska") as out:
+        stream = out.add_stream("libx264", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.metadata["rotate"] = "270"
+        for img in frames(20):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    rec = probe(str(path), "vid", IngestConfig())
+    assert (rec.width, rec.height, rec.rotation, rec.mirrored) == (48, 64, 270, False)
 
 
 def test_probe_has_audio(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.sample_data import write_video
+from flows.sample_data import orientation_chart, write_rotated_video, write_video
 from schemas.config import CurateConfig
 from schemas.records import VideoRecord
 from tasks.base import StageError, VideoContext, WorkDir
@@ -143,3 +143,33 @@ def test_stage_records_and_decode_errors(tmp_path):
     err = result["vbad"]
     assert isinstance(err, StageError) and err.reason == "decode_error"
     assert stage.fingerprint({"ingest": "a"}) != stage.fingerprint({"ingest": "b"})
+
+
+def quadrant_colours(image: Image.Image) -> np.ndarray:
+    """Mean colour of the middle of each quadrant (TL, TR, BL, BR), away from the edges that scaling blurs."""
+    a = np.asarray(image.convert("RGB"), dtype=np.float64)
+    h, w = a.shape[0] // 4, a.shape[1] // 4
+    centres = [(h, w), (h, 3 * w), (3 * h, w), (3 * h, 3 * w)]
+    return np.array(
+        [a[y - h // 2 : y + h // 2, x - w // 2 : x + w // 2].mean(axis=(0, 1)) for y, x in centres]
+    )
+
+
+@pytest.mark.parametrize("rotation, mirrored", [(90, False), (180, False), (270, False), (90, True)])
+def test_rotated_video_gives_upright_images(tmp_path, rotation, mirrored):
+    """Phone video (frames stored sideways + display matrix): keyframes and sampled frames come out upright."""
+    chart = orientation_chart(48, 64)  # portrait: white top-left, red top-right, green/blue below
+    want = quadrant_colours(Image.fromarray(chart))
+    path = write_rotated_video(
+        tmp_path / "phone.mp4", (chart for _ in range(N)), FPS, rotation=rotation, mirrored=mirrored, crf=0
+    )
+    uri = str(path)
+    video = probe(uri, content_id(uri), CurateConfig().ingest)
+    kfs = extract_keyframes(uri, video, [0.05, 0.5, 0.95], tmp_path / "kf", "png")
+    for k in kfs:
+        image = Image.open(k.path)
+        assert image.size == (k.width, k.height) == (video.width, video.height) == (48, 64)
+        assert np.abs(quadrant_colours(image) - want).max() < 8
+    small = sample_frames(uri, [0.2, 1.0], max_side=32)
+    assert all(im.size == (24, 32) for im in small)
+    assert all(np.abs(quadrant_colours(im) - want).max() < 12 for im in small)
