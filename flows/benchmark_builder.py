@@ -35,7 +35,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from schemas.entities import SampleMetaV2
+from schemas.sample import SampleMeta
 from tasks.base import atomic_write_bytes, atomic_write_json
 from tasks.official_export import (
     ExportError,
@@ -90,7 +90,7 @@ class Selection:
 
 
 # ---------------------------------------------------------------------------------------------- scanning
-def _dry_run(meta: SampleMetaV2, member_names: Iterable[str], task_name: Task) -> str | None:
+def _dry_run(meta: SampleMeta, member_names: Iterable[str], task_name: Task) -> str | None:
     """None if the sample would export as a `task_name` case, else the failure reason. Reads no pixels."""
     try:
         case_from_sample(meta, dict.fromkeys(member_names, b""), task_name)

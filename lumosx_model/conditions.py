@@ -29,12 +29,17 @@ from torchvision.transforms import v2
 from lumosx_model.config import AugmentConfig
 from lumosx_model.layout import Condition, SampleLayout
 from schemas.official_case import OfficialCase
+from schemas.sample import SampleMeta, load_sample_meta
 
 WHITE = (255, 255, 255)
 
 
 class SampleFormatError(ValueError):
     """A shard sample whose meta.json or members do not follow the curated sample format."""
+
+
+class TooManyConditionsError(ValueError):
+    """A sample or case has more condition images than the fixed number of condition slots."""
 
 
 @dataclass(frozen=True)
@@ -191,70 +196,80 @@ def _member(members: Mapping[str, bytes], name: object, what: str) -> bytes:
 
 
 def conditions_from_meta(
-    meta: Mapping,
+    meta: SampleMeta | Mapping[str, object],
     members: Mapping[str, bytes],
     *,
     rng: random.Random,
     max_subjects: int = 3,
     max_attributes: int = 3,
+    max_objects: int | None = None,
     whole_person_prob: float = 0.3,
     use_objects: bool = True,
     use_background: bool = True,
 ) -> list[ConditionImage]:
     """The conditions of one curated shard sample, in canonical order, with the train-time random choices.
 
-    ``members`` maps member names of the sample (``"face_0.png"``) to their bytes. Persons beyond
-    ``max_subjects`` and attributes beyond ``max_attributes`` are dropped at random (order kept). A person
+    ``meta`` is the sample's parsed meta.json (a dict is read with :func:`schemas.sample.load_sample_meta`,
+    v1 or v2). ``members`` maps member names of the sample (``"face_0.png"``) to their bytes. Persons beyond
+    ``max_subjects``, attributes beyond ``max_attributes`` and objects beyond ``max_objects`` (None: no cap) are
+    dropped at random (order kept). A person
     with a whole-person cut-out is given as that single image (a group of one ``face``-kind condition
     labelled with the person's phrase) with probability ``whole_person_prob``.
     """
-    persons = meta.get("persons") or []
-    if not isinstance(persons, list):
-        raise SampleFormatError("meta.persons must be a list")
+    if not isinstance(meta, SampleMeta):
+        try:
+            meta = load_sample_meta(meta)
+        except ValueError as err:  # pydantic's ValidationError included
+            raise SampleFormatError(f"invalid meta.json: {err}") from err
+    persons = list(meta.persons)
     if len(persons) > max_subjects:
         keep = sorted(rng.sample(range(len(persons)), max_subjects))
         persons = [persons[i] for i in keep]
 
     out: list[ConditionImage] = []
-    background = meta.get("background")
-    if use_background and background:
+    background = meta.background
+    if use_background and background is not None:
         out.append(
             ConditionImage(
-                Condition("background", background.get("label")),
-                load_rgb(_member(members, background.get("image"), "background")),
+                Condition("background", background.label),
+                load_rgb(_member(members, background.image, "background")),
             )
         )
     if use_objects:
-        for obj in meta.get("objects") or []:
+        objects = list(meta.objects)
+        # Drawn only when over the cap, so samples within it keep the random stream they always had.
+        if max_objects is not None and len(objects) > max_objects:
+            objects = [objects[i] for i in sorted(rng.sample(range(len(objects)), max_objects))]
+        for obj in objects:
             out.append(
                 ConditionImage(
-                    Condition("object", obj.get("label")),
-                    load_rgb(_member(members, obj.get("image"), "object")),
+                    Condition("object", obj.label), load_rgb(_member(members, obj.image, "object"))
                 )
             )
     for group, person in enumerate(persons):
-        label = person.get("label")
-        whole = person.get("whole")
-        face = person.get("face")
         # Draw for every person (even without a whole image) so the random stream does not depend on it.
         use_whole = rng.random() < whole_person_prob
-        if whole and (use_whole or not face):
+        if person.whole and use_whole:
             out.append(
-                ConditionImage(Condition("face", label, group), load_rgb(_member(members, whole, "whole")))
+                ConditionImage(
+                    Condition("face", person.label, group), load_rgb(_member(members, person.whole, "whole"))
+                )
             )
             continue
-        if not face:
-            raise SampleFormatError(f"person {person.get('person_id')} has neither face nor whole image")
-        out.append(ConditionImage(Condition("face", label, group), load_rgb(_member(members, face, "face"))))
-        attributes = person.get("attributes") or []
+        out.append(
+            ConditionImage(
+                Condition("face", person.label, group), load_rgb(_member(members, person.face, "face"))
+            )
+        )
+        attributes = person.attributes
         if len(attributes) > max_attributes:
             keep = sorted(rng.sample(range(len(attributes)), max_attributes))
             attributes = [attributes[i] for i in keep]
         for attr in attributes:
             out.append(
                 ConditionImage(
-                    Condition("attribute", attr.get("label"), group),
-                    load_rgb(_member(members, attr.get("image"), "attribute")),
+                    Condition("attribute", attr.label, group),
+                    load_rgb(_member(members, attr.image, "attribute")),
                 )
             )
     layout_of(out)  # built in canonical order; fail loudly if that ever changes

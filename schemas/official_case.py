@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.entities import appears_verbatim
 
 CAPTION_FILE = "caption.txt"
 SUBJECTS_DIR = "subjects"
@@ -109,11 +110,6 @@ class CaseSubject(BaseModel):
         return self
 
 
-def _appears_verbatim(label: str, caption: str) -> bool:
-    # Whole-word match: "man" must not be found inside "woman" (the token match would fail there too).
-    return re.search(rf"(?<!\w){re.escape(label)}(?!\w)", caption) is not None
-
-
 class OfficialCase(BaseModel):
     """One case of the official layout. Build it in memory (e.g. from a curated sample) or with read_case."""
 
@@ -142,7 +138,7 @@ class OfficialCase(BaseModel):
     @model_validator(mode="after")
     def _labels_verbatim(self) -> OfficialCase:
         for image in self.all_images():
-            if not _appears_verbatim(image.label, self.caption):
+            if not appears_verbatim(image.label, self.caption):
                 raise ValueError(
                     f"label {image.label!r} does not appear verbatim in the caption {self.caption!r}"
                 )

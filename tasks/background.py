@@ -32,7 +32,8 @@ from pydantic import Field
 
 from schemas.config import BackgroundConfig
 from schemas.entities import EntitiesRecord
-from schemas.records import Box, FacesRecord, KeyframesRecord, ModelInfo, Record
+from schemas.records import FacesRecord, KeyframesRecord, ModelInfo, Record
+from schemas.sample import PlateAttempt
 from tasks.base import Stage, StageError, VideoContext, atomic_path
 from tasks.mask_ops import box_mask, foreground_union
 from tasks.masks import MasksRecord, attribute_key, load_mask, object_key, person_key
@@ -48,16 +49,6 @@ def face_key(person_id: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- record
-class PlateAttempt(Record):
-    seed: int
-    inpainted: bool = Field(description="False when nothing had to be removed (the frame is its own plate)")
-    persons_found: int = Field(
-        description="person detections on the plate (same filters as the persons stage)"
-    )
-    best_person_score: float | None = None
-    best_person_box: Box | None = None
-
-
 class BackgroundRecord(Record):
     video_id: str
     selection_seed: str

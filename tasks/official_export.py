@@ -1,7 +1,7 @@
 """Curated shard samples <-> the official LumosX case layout (inference and benchmark input).
 
 Export reads v2 (and v1, identity only) samples with plain `webdataset`, turns each into an `OfficialCase` and
-writes it with `schemas.official_case.write_case`. Import reads a case folder back into a `SampleMetaV2` plus
+writes it with `schemas.official_case.write_case`. Import reads a case folder back into a v2 `SampleMeta` plus
 its image members, so hand-made or third-party cases can flow into the same tools as curated samples.
 
 Labels become file names in the official layout, and keys become folder names. Both come from data (model
@@ -12,7 +12,6 @@ must stay verbatim in the caption for the cross-attention mask to find it.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import unicodedata
@@ -23,15 +22,15 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from schemas.entities import (
-    AttributeEntity,
-    BackgroundEntity,
-    ObjectEntity,
-    SampleMetaV2,
-    SubjectGroup,
+from schemas.official_case import CaseImage, CaseSubject, OfficialCase, read_case, write_case
+from schemas.sample import (
+    SampleAttribute,
+    SampleBackground,
+    SampleMeta,
+    SampleObject,
+    SamplePerson,
     load_sample_meta,
 )
-from schemas.official_case import CaseImage, CaseSubject, OfficialCase, read_case, write_case
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class ShardSample:
 
     key: str
     shard: str
-    meta: SampleMetaV2
+    meta: SampleMeta
     members: Mapping[str, bytes]
     member_names: frozenset[str] = frozenset()
     """Every member of the sample in the tar, including those `select_members` did not read."""
@@ -163,7 +162,7 @@ def _member(members: Mapping[str, bytes], name: str, key: str) -> bytes:
     return data
 
 
-def subject_labels(meta: SampleMetaV2) -> list[str]:
+def subject_labels(meta: SampleMeta) -> list[str]:
     """The face label of every person. v1 samples: only a single person can be labelled (by its noun)."""
     labels = [p.label for p in meta.persons]
     if all(label is not None for label in labels):
@@ -179,14 +178,14 @@ def subject_labels(meta: SampleMetaV2) -> list[str]:
     )
 
 
-def case_from_sample(meta: SampleMetaV2, members: Mapping[str, bytes], task: Task) -> OfficialCase:
+def case_from_sample(meta: SampleMeta, members: Mapping[str, bytes], task: Task) -> OfficialCase:
     """The official case of one sample: faces only for "identity", every condition for "subject"."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     key = check_case_id(meta.key)
     if not meta.persons:
         raise ExportError("no_person", f"{key}: no person with a face")
-    if task == "subject" and meta.upgraded_from == 1:
+    if task == "subject" and meta.schema_version == 1:
         raise ExportError(
             "identity_only", f"{key}: a v1 sample has faces only; it can only be an identity case"
         )
@@ -284,8 +283,8 @@ def iter_shard_samples(
                     report(ExportFailure(key, "no_meta", "sample has no meta.json", url))
                     continue
                 try:
-                    meta = load_sample_meta(json.loads(raw))
-                except (ValueError, ValidationError) as exc:  # JSONDecodeError is a ValueError
+                    meta = load_sample_meta(raw)
+                except ValueError as exc:  # also JSONDecodeError and pydantic's ValidationError
                     report(ExportFailure(key, "invalid_meta", str(exc).splitlines()[0][:300], url))
                     continue
                 if meta.key != key.rsplit("/", 1)[-1]:
@@ -357,7 +356,7 @@ def export_cases(
 
 
 # --------------------------------------------------------------------------------------------- case -> sample
-def import_case(case_dir: str | Path) -> tuple[SampleMetaV2, dict[str, bytes]]:
+def import_case(case_dir: str | Path) -> tuple[SampleMeta, dict[str, bytes]]:
     """Read an official case folder as a v2 sample: its meta and its image members (PNG bytes).
 
     Member names follow the shard convention (face_<i>.png, attr_<i>_<j>.png, object_<j>.png, background.png);
@@ -374,20 +373,25 @@ def import_case(case_dir: str | Path) -> tuple[SampleMetaV2, dict[str, bytes]]:
         for j, attr in enumerate(subject.attributes):
             name = f"attr_{i}_{j}.png"
             members[name] = attr.png_bytes()
-            attributes.append(AttributeEntity(label=attr.label, image=name))
+            attributes.append(SampleAttribute(label=attr.label, image=name))
         persons.append(
-            SubjectGroup(person_id=i + 1, label=subject.face.label, face=face, attributes=attributes)
+            SamplePerson(person_id=i + 1, label=subject.face.label, face=face, attributes=attributes)
         )
     objects = []
     for j, obj in enumerate(case.objects):
         name = f"object_{j}.png"
         members[name] = obj.png_bytes()
-        objects.append(ObjectEntity(label=obj.label, image=name))
+        objects.append(SampleObject(label=obj.label, image=name))
     background = None
     if case.background is not None:
         members["background.png"] = case.background.png_bytes()
-        background = BackgroundEntity(label=case.background.label, image="background.png")
-    meta = SampleMetaV2(
-        key=case.case_id, caption=case.caption, persons=persons, objects=objects, background=background
+        background = SampleBackground(label=case.background.label, image="background.png")
+    meta = SampleMeta(
+        schema_version=2,
+        key=case.case_id,
+        caption=case.caption,
+        persons=persons,
+        objects=objects,
+        background=background,
     )
     return meta, members

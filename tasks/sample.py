@@ -2,11 +2,11 @@
 
 Two sample versions, chosen by `config.subjects`:
 
-- v1 (identity-consistent): clip, caption, one bounding-box face crop per person with a usable face,
-  `schemas.sample.SampleMeta`;
+- v1 (identity-consistent): clip, caption, one bounding-box face crop per person with a usable face, and
+  `schemas.sample.SampleMeta` with `schema_version` 1;
 - v2 (subject-consistent, SPEC section 1): per subject bound by the entities stage, its face crop, its
   attribute cut-outs and a whole-person cut-out; the object cut-outs; the clean background plate; the masks
-  of every cut-out; `schemas.entities.SampleMetaV2` with the relation graph (which face, attributes, labels,
+  of every cut-out; `SampleMeta` with `schema_version` 2 and the relation graph (which face, attributes, labels,
   keyframes, boxes and scores belong to which person). Each entity's image comes from the keyframe the
   background stage selected for it.
 
@@ -38,24 +38,22 @@ import numpy as np
 from PIL import Image
 
 from schemas.config import fingerprint
-from schemas.entities import (
-    AttributeEntity,
-    BackgroundEntity,
-    EntitiesRecord,
-    ObjectEntity,
-    SampleMetaV2,
-    SubjectGroup,
-    VideoInfo,
-    dump_sample_meta,
-)
+from schemas.entities import EntitiesRecord
 from schemas.records import Box, CaptionRecord, FacesRecord, KeyframesRecord, ModelInfo, PersonsRecord
 from schemas.sample import (
+    BackgroundStatus,
+    DroppedEntity,
     PersonWithoutFace,
+    PlateAttempt,
+    SampleAttribute,
+    SampleBackground,
     SampleKeyframe,
     SampleMeta,
+    SampleObject,
     SamplePerson,
     SampleRecord,
     SampleVideo,
+    dump_sample_meta,
 )
 from tasks.background import BackgroundRecord, face_key
 from tasks.base import Stage, StageError, VideoContext
@@ -127,13 +125,10 @@ class SampleStage(Stage[SampleRecord]):
             clip = write_clip(ctx.video.uri, ctx.video, self.config.clip, tmp / "mp4")
             (tmp / "caption.txt").write_text(caption.caption, encoding="utf-8")
             if self.config.subjects:
-                meta_v2 = _SubjectSample(self, ctx, tmp, caption, keyframes, faces, clip).build()
-                (tmp / "meta.json").write_bytes(dump_sample_meta(meta_v2))
-                num_faces = len(meta_v2.persons)
+                meta = _SubjectSample(self, ctx, tmp, caption, keyframes, faces, clip).build()
             else:
                 meta = self._meta_v1(ctx, tmp, caption, keyframes, faces, clip)
-                (tmp / "meta.json").write_text(meta.model_dump_json(indent=1), encoding="utf-8")
-                num_faces = len(meta.persons)
+            (tmp / "meta.json").write_bytes(dump_sample_meta(meta))
             members = sorted(p.name for p in tmp.iterdir())
             num_bytes = sum((tmp / m).stat().st_size for m in members)
         return SampleRecord(
@@ -142,7 +137,7 @@ class SampleStage(Stage[SampleRecord]):
             members=members,
             num_bytes=num_bytes,
             num_persons=len(faces.persons),
-            num_faces=num_faces,
+            num_faces=len(meta.persons),
         )
 
     def base_models(
@@ -180,28 +175,14 @@ class SampleStage(Stage[SampleRecord]):
         models = self.base_models(ctx, caption, faces)
         random_stages = random_weight_stages(models)
         return SampleMeta(
+            schema_version=1,
             key=ctx.video_id,
             caption=caption.caption,
             caption_source=caption.source,
-            video=SampleVideo(
-                uri=ctx.video.uri,
-                content_id=ctx.video.video_id,
-                fps=ctx.video.fps,
-                width=ctx.video.width,
-                height=ctx.video.height,
-                duration_s=ctx.video.duration_s,
-                num_frames=ctx.video.num_frames,
-                clip_width=clip.width,
-                clip_height=clip.height,
-                clip_reencoded=clip.reencoded,
-            ),
+            video=sample_video(ctx, clip),
             keyframes=sample_keyframes(keyframes),
             persons=sample_persons,
-            persons_without_face=[
-                PersonWithoutFace(person_id=p.person_id, reason=p.no_face_reason or "no face")
-                for p in faces.persons
-                if not p.has_face
-            ],
+            persons_without_face=persons_without_face(faces),
             models=models,
             random_weights=bool(random_stages),
             random_weight_stages=random_stages,
@@ -209,6 +190,30 @@ class SampleStage(Stage[SampleRecord]):
             stage_fingerprints={s: ctx.fingerprints[s] for s in sorted(ctx.fingerprints)},
             producer=producer(),
         )
+
+
+def sample_video(ctx: VideoContext, clip: ClipInfo) -> SampleVideo:
+    v = ctx.video
+    return SampleVideo(
+        uri=v.uri,
+        content_id=v.video_id,
+        fps=v.fps,
+        width=v.width,
+        height=v.height,
+        duration_s=v.duration_s,
+        num_frames=v.num_frames,
+        clip_width=clip.width,
+        clip_height=clip.height,
+        clip_reencoded=clip.reencoded,
+    )
+
+
+def persons_without_face(faces: FacesRecord) -> list[PersonWithoutFace]:
+    return [
+        PersonWithoutFace(person_id=p.person_id, reason=p.no_face_reason or "no face")
+        for p in faces.persons
+        if not p.has_face
+    ]
 
 
 def sample_keyframes(keyframes: KeyframesRecord) -> list[SampleKeyframe]:
@@ -246,7 +251,7 @@ class _SubjectSample:
         self.masks = ctx.record("masks", MasksRecord)
         self.background = ctx.record("background", BackgroundRecord)
         self.selection = self.background.selection
-        self.dropped: list[dict[str, Any]] = []
+        self.dropped: list[DroppedEntity] = []
         self._frames: dict[int, np.ndarray] = {}
 
     def frame(self, k: int) -> np.ndarray:
@@ -257,7 +262,7 @@ class _SubjectSample:
         return self._frames[k]
 
     def _drop(self, key: str, label: str | None, reason: str) -> None:
-        self.dropped.append({"entity": key, "label": label, "reason": reason})
+        self.dropped.append(DroppedEntity(entity=key, label=label, reason=reason))
 
     def _chosen(self, key: str, label: str | None) -> tuple[int, MaskFrame] | None:
         """The selected keyframe of a masked entity and its mask frame, or None (recorded as dropped)."""
@@ -291,9 +296,9 @@ class _SubjectSample:
         Image.fromarray(cropped).save(self.tmp / mask_member, format="PNG")
         return box
 
-    def build(self) -> SampleMetaV2:
+    def build(self) -> SampleMeta:
         persons = {p.person_id: p for p in self.faces.persons}
-        groups: list[SubjectGroup] = []
+        groups: list[SamplePerson] = []
         for subject in sorted(self.entities.answer.subjects, key=lambda s: s.person_id):
             pid = subject.person_id
             person = persons.get(pid)
@@ -302,7 +307,7 @@ class _SubjectSample:
                 continue
             face = f"face_{pid}.png"
             shutil.copyfile(self.work.abs(person.face_path), self.tmp / face)  # type: ignore[arg-type]
-            attributes: list[AttributeEntity] = []
+            attributes: list[SampleAttribute] = []
             for j, attr in enumerate(subject.attributes):
                 key = attribute_key(pid, j)
                 chosen = self._chosen(key, attr.phrase)
@@ -312,7 +317,7 @@ class _SubjectSample:
                 image, mask_member = f"attr_{pid}_{j}.png", f"attrmask_{pid}_{j}.png"
                 cut_box = self._write_cutout(k, load_mask(self.work, mf.mask), image, mask_member)
                 attributes.append(
-                    AttributeEntity(
+                    SampleAttribute(
                         label=attr.phrase,
                         kind=attr.kind,
                         image=image,
@@ -326,7 +331,7 @@ class _SubjectSample:
                 )
             whole = self._whole(pid, subject.noun, len(subject.attributes))
             groups.append(
-                SubjectGroup(
+                SamplePerson(
                     person_id=pid,
                     label=subject.noun,
                     face=face,
@@ -364,7 +369,7 @@ class _SubjectSample:
         box = self._write_cutout(k, mask, image, mask_member, parts=parts)
         return {"whole": image, "whole_mask": mask_member, "whole_keyframe": k, "whole_box": box}
 
-    def _objects(self) -> list[ObjectEntity]:
+    def _objects(self) -> list[SampleObject]:
         out = []
         for j, phrase in enumerate(self.entities.answer.objects):
             chosen = self._chosen(object_key(j), phrase)
@@ -375,7 +380,7 @@ class _SubjectSample:
             mask = load_mask(self.work, mf.mask)  # type: ignore[arg-type]
             cut_box = self._write_cutout(k, mask, image, mask_member)
             out.append(
-                ObjectEntity(
+                SampleObject(
                     label=phrase,
                     image=image,
                     mask=mask_member,
@@ -388,18 +393,18 @@ class _SubjectSample:
             )
         return out
 
-    def _background(self) -> BackgroundEntity | None:
+    def _background(self) -> SampleBackground | None:
         bg = self.background
         if bg.status != "ok" or bg.plate is None or bg.label is None:
             return None
         shutil.copyfile(self.work.abs(bg.plate), self.tmp / "background.png")
-        return BackgroundEntity(
+        return SampleBackground(
             label=bg.label, image="background.png", keyframe=bg.keyframe, seed=bg.attempts[-1].seed
         )
 
     def _meta(
-        self, groups: list[SubjectGroup], objects: list[ObjectEntity], background: BackgroundEntity | None
-    ) -> SampleMetaV2:
+        self, groups: list[SamplePerson], objects: list[SampleObject], background: SampleBackground | None
+    ) -> SampleMeta:
         ctx, bg = self.ctx, self.background
         models = self.stage.base_models(ctx, self.caption, self.faces)
         models["entities"] = self.entities.model
@@ -411,41 +416,28 @@ class _SubjectSample:
             models["background.plate_check"] = bg.plate_checker
         random_stages = random_weight_stages(models)
         bound = {g.person_id for g in groups}
-        return SampleMetaV2(
+        return SampleMeta(
+            schema_version=2,
             key=ctx.video_id,
             caption=self.caption.caption,
             caption_source=self.caption.source,
-            video=VideoInfo(
-                content_id=ctx.video.video_id,
-                uri=ctx.video.uri,
-                width=ctx.video.width,
-                height=ctx.video.height,
-                fps=ctx.video.fps,
-                duration_s=ctx.video.duration_s,
-                num_frames=ctx.video.num_frames,
-                clip_width=self.clip.width,
-                clip_height=self.clip.height,
-                clip_reencoded=self.clip.reencoded,
-            ),
-            keyframes=[k.model_dump(mode="json") for k in sample_keyframes(self.keyframes)],
+            video=sample_video(ctx, self.clip),
+            keyframes=sample_keyframes(self.keyframes),
             persons=groups,
             objects=objects,
             background=background,
-            background_status={
-                "status": bg.status,
-                "reason": bg.reason,
-                "keyframe": bg.keyframe,
-                "flux_calls": bg.flux_calls,
-                "attempts": [a.model_dump(mode="json") for a in bg.attempts],
-            },
+            background_status=BackgroundStatus(
+                status=bg.status,
+                reason=bg.reason,
+                keyframe=bg.keyframe,
+                flux_calls=bg.flux_calls,
+                # tasks.background keeps its own PlateAttempt record; the sample's is the schemas one.
+                attempts=[PlateAttempt.model_validate(a.model_dump()) for a in bg.attempts],
+            ),
             selection=dict(sorted(self.selection.items())),
             selection_seed=bg.selection_seed,
             dropped=self.dropped,
-            persons_without_face=[
-                {"person_id": p.person_id, "reason": p.no_face_reason or "no face"}
-                for p in self.faces.persons
-                if not p.has_face
-            ],
+            persons_without_face=persons_without_face(self.faces),
             persons_unbound=sorted({p.person_id for p in self.faces.persons_with_face} - bound),
             models=models,
             random_weights=bool(random_stages),

@@ -21,9 +21,8 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from schemas.config import ShardConfig
-from schemas.entities import load_sample_meta
 from schemas.records import FailureRecord
-from schemas.sample import FAILURES_SCHEMA, MANIFEST_SCHEMA, ShardEntry, ShardIndex
+from schemas.sample import FAILURES_SCHEMA, MANIFEST_SCHEMA, ShardEntry, ShardIndex, load_sample_meta
 from tasks.base import WorkDir, atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -165,20 +164,18 @@ def write_manifest(out_dir: Path, work: WorkDir) -> tuple[int, list[str]]:
     for entry in index.shards:
         for key in entry.keys:
             sample_dir = work.samples / key
-            raw = json.loads((sample_dir / "meta.json").read_text())
-            meta = load_sample_meta(raw)  # the one reader of v1 and v2 sample metadata
-            extra = meta.model_extra or {}
+            meta = load_sample_meta((sample_dir / "meta.json").read_bytes())
             random_stages.update(meta.random_weight_stages)
-            unmatched = len(extra.get("persons_without_face") or []) + len(extra.get("persons_unbound") or [])
+            unmatched = len(meta.persons_without_face) + len(meta.persons_unbound)
             rows.append(
                 {
                     "key": key,
                     "shard": entry.url,
-                    "schema_version": raw.get("schema_version", 1),
+                    "schema_version": meta.schema_version,
                     "video_id": meta.video.content_id,
                     "uri": meta.video.uri,
                     "caption": meta.caption,
-                    "caption_source": extra.get("caption_source", "unknown"),
+                    "caption_source": meta.caption_source or "unknown",
                     "num_persons": len(meta.persons) + unmatched,
                     "num_faces": len(meta.persons),
                     "duration_s": meta.video.duration_s,

@@ -116,7 +116,7 @@ def sample(
         "persons": meta_persons,
         "objects": [],
         "background": None,
-        "selection": {"ignored": True},
+        "selection": {"face_0": 0},  # provenance the trainer does not read
     }
     if v2 and objects:
         members["object_0.png"] = png_bytes(16, 16, (120, 80, 40), alpha=True)

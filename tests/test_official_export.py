@@ -10,8 +10,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from schemas.entities import SampleMetaV2, dump_sample_meta, load_sample_meta
 from schemas.official_case import read_case
+from schemas.sample import SampleMeta, dump_sample_meta, load_sample_meta
 from tasks.official_export import (
     ExportError,
     case_dir,
@@ -88,8 +88,9 @@ def v2_sample(
     if background:
         members["background.png"] = png((90, 90, 90), (32, 18))
         bg = {"label": background, "image": "background.png", "keyframe": 1}
-    meta = SampleMetaV2.model_validate(
+    meta = SampleMeta.model_validate(
         {
+            "schema_version": 2,
             "key": key,
             "caption": caption,
             "video": {"content_id": content_id or key, "fps": 16.0},
@@ -107,7 +108,7 @@ def v2_sample(
 def v1_sample(key: str, caption: str, n_persons: int, content_id: str | None = None) -> dict:
     """A v1 identity-only sample, built with the v1 writer's own schema (schemas/sample.py)."""
     from schemas.records import Box
-    from schemas.sample import SampleMeta, SamplePerson, SampleVideo
+    from schemas.sample import SamplePerson, SampleVideo
 
     members = {"mp4": b"\x00", "caption.txt": caption.encode()}
     persons = []
@@ -124,6 +125,7 @@ def v1_sample(key: str, caption: str, n_persons: int, content_id: str | None = N
             )
         )
     meta = SampleMeta(
+        schema_version=1,
         key=key,
         caption=caption,
         caption_source="sidecar",
@@ -147,7 +149,7 @@ def v1_sample(key: str, caption: str, n_persons: int, content_id: str | None = N
         stage_fingerprints={},
         producer="test",
     )
-    members["meta.json"] = meta.model_dump_json(indent=1).encode()
+    members["meta.json"] = dump_sample_meta(meta)
     return members
 
 
@@ -228,13 +230,31 @@ def test_v1_samples_are_identity_cases_only(tmp_path):
     assert subj.written == {} and subj.reasons() == {"identity_only": 2}
 
 
-def test_v1_meta_upgrade_keeps_provenance():
+def test_v1_meta_reads_with_its_provenance():
     raw = json.loads(v1_sample("one", "A man runs.", 1)["meta.json"])
+    # Plain-json readers find the v2 keys in a v1 meta too, empty.
+    assert raw["objects"] == [] and raw["background"] is None and raw["persons"][0]["attributes"] == []
     meta = load_sample_meta(raw)
-    assert meta.schema_version == 2 and meta.upgraded_from == 1 and meta.random_weights is False
+    assert meta.schema_version == 1 and meta.random_weights is False and not meta.has_subject_conditions
     assert meta.persons[0].face == "face_0.png" and meta.persons[0].label is None
-    assert meta.video.content_id == "one" and meta.model_extra["producer"] == "test"
-    assert meta.persons[0].model_extra["boxes"]["1"]["x1"] == 9
+    assert meta.video.content_id == "one" and meta.producer == "test"
+    assert meta.persons[0].boxes[1].x1 == 9
+    assert dump_sample_meta(meta) == dump_sample_meta(load_sample_meta(dump_sample_meta(meta)))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"schema_version": 3}, "unsupported meta.json schema_version 3"),
+        ({"schema_version": None}, "unsupported meta.json schema_version None"),
+        ({"surprise": 1}, "surprise"),  # a new key needs a new schema_version
+        ({"objects": [{"label": "man", "image": "object_0.png"}]}, "faces only"),  # v1 has no conditions
+    ],
+)
+def test_meta_reader_rejects_what_it_does_not_know(change, match):
+    raw = json.loads(v1_sample("one", "A man runs.", 1)["meta.json"])
+    with pytest.raises(ValueError, match=match):
+        load_sample_meta({**raw, **change})
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,8 @@ from subject_fixtures import FakeGrounder, FakePlateDetector, FakeSegmenter, Scr
 from models.base import ModelSpec
 from models.inpainter import INPAINTERS
 from schemas.config import BackgroundConfig, ClipConfig, CurateConfig, ShardConfig
-from schemas.entities import SampleMetaV2, appears_verbatim, load_sample_meta
-from schemas.records import Box
+from schemas.entities import appears_verbatim
+from schemas.sample import SampleMeta, load_sample_meta
 from tasks.background import BackgroundStage
 from tasks.entities import EntitiesStage
 from tasks.masks import MasksStage
@@ -80,7 +80,7 @@ def curated(tmp_path_factory, sample_videos):
     return w, root, flux
 
 
-def _meta(w, name) -> tuple[SampleMetaV2, Path]:
+def _meta(w, name) -> tuple[SampleMeta, Path]:
     d = w.work.samples / w.ids[name]
     return load_sample_meta(json.loads((d / "meta.json").read_text())), d
 
@@ -98,7 +98,7 @@ def _white_outside(image_path: Path, mask_path: Path) -> None:
 def test_v2_sample_formats_and_relation_graph(curated):
     w, _, flux = curated
     meta, d = _meta(w, "two_people")
-    assert meta.schema_version == 2 and meta.upgraded_from is None
+    assert meta.schema_version == 2
     assert [(p.person_id, p.label) for p in meta.persons] == [(0, "woman"), (1, "man")]
     assert [[a.label for a in p.attributes] for p in meta.persons] == [
         ["black top", "long strawberry-blonde hair"],
@@ -115,21 +115,16 @@ def test_v2_sample_formats_and_relation_graph(curated):
     assert sorted(m for m in members if m.startswith("face_")) == sorted(p.face for p in meta.persons)
     assert len({p.face for p in meta.persons}) == len(meta.persons) == 2
 
-    extra = meta.model_extra
-    boxes = {
-        p.person_id: {int(k): Box.model_validate(b) for k, b in p.model_extra["boxes"].items()}
-        for p in meta.persons
-    }
     for p in meta.persons:
         assert p.face_keyframe == 1 and p.face_box is not None
         # Attribute: white-background cut-out of its mask, grounded inside ITS person's box on its keyframe.
         for a in p.attributes:
             _white_outside(d / a.image, d / a.mask)
-            assert a.box.fraction_inside(boxes[p.person_id][a.keyframe]) == 1.0
-            assert a.keyframe == extra["selection"][f"attr_{p.person_id}_{p.attributes.index(a)}"]
+            assert a.box.fraction_inside(p.boxes[a.keyframe]) == 1.0
+            assert a.keyframe == meta.selection[f"attr_{p.person_id}_{p.attributes.index(a)}"]
         assert p.whole == f"person_{p.person_id}.png" and p.whole_mask == f"personmask_{p.person_id}.png"
         _white_outside(d / p.whole, d / p.whole_mask)
-        assert p.whole_keyframe == extra["selection"][f"person_{p.person_id}"]
+        assert p.whole_keyframe == meta.selection[f"person_{p.person_id}"]
     for o in meta.objects:
         _white_outside(d / o.image, d / o.mask)
     assert {
@@ -144,14 +139,14 @@ def test_v2_sample_formats_and_relation_graph(curated):
     } <= members
 
     # One keyframe per entity, not all from the same one; the plate is the selected background keyframe's.
-    assert not all_from_one_keyframe(extra["selection"])
-    assert meta.background.keyframe == extra["selection"]["background"]
+    assert not all_from_one_keyframe(meta.selection)
+    assert meta.background.keyframe == meta.selection["background"]
     plate = Image.open(d / "background.png")
     assert plate.size == (640, 360)
     # FLUX Fill: one generation for this sample, none for the astronaut (no background phrase).
-    assert extra["background_status"]["flux_calls"] == 1 and extra["background_status"]["status"] == "ok"
+    assert meta.background_status.flux_calls == 1 and meta.background_status.status == "ok"
     assert flux.pipe.calls == [1]
-    assert extra["dropped"] == []
+    assert meta.dropped == []
     assert meta.random_weights and "background" in meta.random_weight_stages  # tiny FLUX
     assert meta.video.content_id == w.ids["two_people"]
 
@@ -160,9 +155,9 @@ def test_v2_sample_without_background(curated):
     w, _, _ = curated
     meta, d = _meta(w, "astronaut_zoom")
     assert meta.background is None and not (d / "background.png").exists()
-    status = meta.model_extra["background_status"]
-    assert status["status"] == "skipped" and "no background phrase" in status["reason"]
-    assert status["flux_calls"] == 0
+    status = meta.background_status
+    assert status.status == "skipped" and "no background phrase" in status.reason
+    assert status.flux_calls == 0
     assert [p.label for p in meta.persons] == ["woman astronaut"]
     assert meta.has_subject_conditions
 
