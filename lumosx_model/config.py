@@ -87,11 +87,23 @@ class DataConfig(_Strict):
     max_persons: int | None = Field(
         None, description="Stage filter: 1 for the paper's single-subject stage 1."
     )
-    max_subjects: int = 3
-    max_attributes: int = 3
+    max_subjects: int = Field(3, ge=0, description="Persons beyond this are dropped at random.")
+    max_attributes: int = Field(
+        3, ge=0, description="Attributes per person beyond this are dropped at random."
+    )
+    max_objects: int | None = Field(
+        None, ge=0, description="Objects beyond this are dropped at random (null: keep all)."
+    )
     whole_person_prob: float = 0.3
     use_objects: bool = True
     use_background: bool = True
+    condition_slots: int | Literal["auto"] | None = Field(
+        None,
+        description="Condition slots every batch is zero-padded to. null: the batch's own largest count "
+        "(shapes vary; fine on CPU). 'auto': max_conditions, the most the caps allow. An int: that many "
+        "(at least max_conditions). Fixed slots keep the sequence length fixed, so compiled FlexAttention "
+        "kernels (dynamic=False) are built once per bucket instead of once per condition count.",
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     cache_dir: str | None = Field(
         None, description="Cache of video latents and text embeddings (filled by `lumosx-train cache`)."
@@ -125,6 +137,53 @@ class DataConfig(_Strict):
         if self.max_persons is not None and self.max_persons < self.min_persons:
             raise ValueError("max_persons < min_persons")
         return self
+
+    @model_validator(mode="after")
+    def _slots_hold_every_sample(self) -> DataConfig:
+        slots = self.condition_slots
+        if slots is None:
+            return self
+        bound = self.max_conditions
+        if bound is None:
+            raise ValueError(
+                f"condition_slots={slots!r} needs a bound on the number of conditions: set max_objects "
+                "(or use_objects: false)"
+            )
+        if slots != "auto" and slots < bound:
+            raise ValueError(
+                f"condition_slots={slots} is below the {bound} conditions a sample can have "
+                f"({self._bound_terms()}): raise it, use 'auto', or lower the caps"
+            )
+        return self
+
+    @property
+    def max_conditions(self) -> int | None:
+        """The most condition images one sample can have under the caps (None: objects are uncapped).
+
+        ``[background] + min(max_objects, objects) + persons x (face + max_attributes)``, persons capped by
+        ``max_subjects`` and the stage filter ``max_persons``; a whole-person cut-out is one image, so it never
+        exceeds its face + attributes group.
+        """
+        if self.use_objects and self.max_objects is None:
+            return None
+        objects = self.max_objects if self.use_objects else 0
+        return int(self.use_background) + objects + self._max_groups * (1 + self.max_attributes)
+
+    @property
+    def num_condition_slots(self) -> int | None:
+        """``condition_slots`` resolved: the fixed slot count, or None to pad to each batch's largest count."""
+        return self.max_conditions if self.condition_slots == "auto" else self.condition_slots
+
+    @property
+    def _max_groups(self) -> int:
+        persons = self.max_subjects
+        return persons if self.max_persons is None else min(persons, self.max_persons)
+
+    def _bound_terms(self) -> str:
+        return (
+            f"{int(self.use_background)} background + {self.max_objects if self.use_objects else 0} objects"
+            f" + {self._max_groups} persons x (face + {self.max_attributes} attributes)"
+        )
 
 
 class OptimConfig(_Strict):
@@ -180,6 +239,13 @@ class InferenceConfig(_Strict):
     device: str = "cuda"
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     identity_only: bool = Field(False, description="Use faces only (the identity-consistent task).")
+    condition_slots: int | None = Field(
+        None,
+        ge=1,
+        description="Zero-pad every case's conditions to this many slots (a case with more is refused), so "
+        "that compiled FlexAttention kernels are built once for a whole set of cases instead of once per "
+        "condition count. null: each case uses exactly its own count (best for a single case).",
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> InferenceConfig:

@@ -12,7 +12,8 @@ Pipeline, per rank and per data-loader worker (all random choices seeded, so a r
     skip                on resume, the batches this worker already delivered (cheap: nothing decoded yet)
     decode + collate    mp4 -> 16 fps clip (PyAV, frames picked by timestamp), resize + center crop to the
                         bucket; conditions chosen, augmented, fitted on white; prompt tokenised; MCAM
-                        templates; zero-padded condition tensors
+                        templates; condition tensors zero-padded to the configured condition slots (or to
+                        the batch's largest count)
 
 The stream never ends: training length is counted in steps. Decoding runs after batching so that resuming
 skips already-seen batches without decoding them.
@@ -31,6 +32,7 @@ import math
 import os
 import random
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -46,6 +48,7 @@ from lumosx_model.components import PromptTokenizer
 from lumosx_model.conditions import (
     ConditionAugment,
     SampleFormatError,
+    TooManyConditionsError,
     condition_pixels,
     conditions_from_meta,
     layout_of,
@@ -251,7 +254,9 @@ class RawSample:
 
 @dataclass
 class Batch:
-    """One training batch. Conditions are zero-padded to the batch's largest count ``Nmax``.
+    """One training batch. Conditions are zero-padded to ``Nmax`` slots: ``DataConfig.num_condition_slots``
+    when set (the same for every batch, so compiled kernels see one sequence length per bucket), else the
+    batch's largest count.
 
     Either ``video`` (pixels) or ``video_latents`` (from the cache) is set, and likewise ``text_embeds`` is
     set only when cached; the trainer encodes what is missing.
@@ -348,6 +353,7 @@ class SampleDecoder:
             rng=rng,
             max_subjects=cfg.max_subjects,
             max_attributes=cfg.max_attributes,
+            max_objects=cfg.max_objects,
             whole_person_prob=cfg.whole_person_prob if self.train else 0.0,
             use_objects=cfg.use_objects,
             use_background=cfg.use_background,
@@ -357,6 +363,7 @@ class SampleDecoder:
 
     def __call__(self, raws: list[RawSample]) -> Batch | None:
         cached = self.cache is not None and all(self.cache.has(r.key, r.bucket) for r in raws)
+        slots = self.cfg.num_condition_slots
         items = []
         for raw in raws:
             rng = self.sample_rng(raw)
@@ -374,6 +381,8 @@ class SampleDecoder:
                     )
                     video = video_to_model_range(frames)
                 conds, pixels = self.conditions(raw, rng)
+                if slots is not None and len(conds) > slots:  # the config's caps rule this out
+                    raise TooManyConditionsError(f"{len(conds)} conditions for {slots} condition slots")
             except (ValueError, KeyError, OSError, av.FFmpegError) as err:
                 log.warning("skipping sample %s: %s: %s", raw.key, type(err).__name__, err)
                 continue
@@ -390,7 +399,7 @@ class SampleDecoder:
             templates.append(mcam_template(layout, input_ids[i].tolist(), label_ids))
 
         counts = torch.tensor([len(conds) for _, _, conds, _ in items], dtype=torch.long)
-        n_max = int(counts.max()) if len(counts) else 0
+        n_max = slots if slots is not None else int(counts.max())
         h, w = items[0][0].bucket
         cond_pixels = torch.zeros((len(items), n_max, 3, h, w))
         for i, (_, _, _, pixels) in enumerate(items):
@@ -500,6 +509,10 @@ def _skip_delivered(src: Iterator, batches_consumed: int) -> Iterator:
     yield from itertools.islice(src, len(range(slot, batches_consumed, num_workers)), None)
 
 
+def _is_batch(batch: Batch | None) -> bool:
+    return batch is not None
+
+
 def _slot_seed(batches_consumed: int) -> int:
     rank, _, _, _ = wds.utils.pytorch_worker_info()
     return rank * 1000 + _worker_slot(batches_consumed)[0]
@@ -543,16 +556,41 @@ def build_pipeline(
         wds.pipelinefilter(_bucket_batches)(cfg.batch_size),
         wds.pipelinefilter(_skip_delivered)(skip_batches),
         wds.map(decoder),
-        wds.select(lambda batch: batch is not None),
+        wds.select(_is_batch),
     ]
     return wds.DataPipeline(*stages)
+
+
+def _guard_inherited_exit_hooks(worker_id: int) -> None:
+    """Worker init: hooks the parent registered for its thread shutdown may run here but not fail the worker.
+
+    A forked worker inherits the parent's ``threading._register_atexit`` hooks, and ``multiprocessing`` runs
+    them when the worker exits (``threading._shutdown``). They belong to the parent's threads, which do not
+    exist in the worker; some are not fork-safe. Prefect 3's log/event services reset their state after a fork
+    but leave their hook, which then fails an assertion: every worker of a process that ran a Prefect flow
+    exited with code 1 when the loader shut down, and the parent reported "DataLoader worker exited
+    unexpectedly" from the loader's ``__del__``. Hooks the worker registers itself are not touched.
+    """
+    hooks = getattr(threading, "_threading_atexits", None)  # private; if it goes away, nothing to guard
+    if hooks:
+        hooks[:] = [functools.partial(_run_quietly, hook) for hook in hooks]
+
+
+def _run_quietly(hook) -> None:
+    try:
+        hook()
+    except Exception as err:  # the parent's bookkeeping, meaningless in the worker
+        log.debug("inherited thread-exit hook %r failed in a data-loader worker: %s", hook, err)
 
 
 def make_loader(pipeline: wds.DataPipeline, num_workers: int, *, seed: int = 0) -> wds.WebLoader:
     """Batches come pre-assembled from the pipeline; the loader only parallelises decoding.
 
     The loader gets its own generator: by default a DataLoader draws its worker base seed from the global
-    torch RNG, which would shift the training noise of a resumed run against the uninterrupted one.
+    torch RNG, which would shift the training noise of a resumed run against the uninterrupted one. The
+    stream never ends, so the loader is always abandoned mid-stream (end of training, end of a test); its
+    workers then exit on the DataLoader's shutdown signal, which :func:`_guard_inherited_exit_hooks` keeps
+    clean in processes that forked with foreign thread-exit hooks.
     """
     return wds.WebLoader(
         pipeline,
@@ -561,6 +599,7 @@ def make_loader(pipeline: wds.DataPipeline, num_workers: int, *, seed: int = 0) 
         persistent_workers=False,
         prefetch_factor=2 if num_workers else None,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_guard_inherited_exit_hooks if num_workers else None,
     )
 
 

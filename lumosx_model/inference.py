@@ -18,7 +18,13 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from lumosx_model.components import FrozenEncoders, load_encoders, load_transformer
-from lumosx_model.conditions import condition_pixels, conditions_from_case, encode_conditions, layout_of
+from lumosx_model.conditions import (
+    TooManyConditionsError,
+    condition_pixels,
+    conditions_from_case,
+    encode_conditions,
+    layout_of,
+)
 from lumosx_model.config import InferenceConfig
 from lumosx_model.masks import mcam_template, pad_templates
 from schemas.official_case import OfficialCase, read_case
@@ -68,8 +74,14 @@ class LumosXGenerator:
         negative_prompt: str = "",
         seed: int = 0,
         identity_only: bool = False,
+        condition_slots: int | None = None,
     ) -> torch.Tensor:
-        """One video for ``case``: ``uint8 [num_frames, height, width, 3]``."""
+        """One video for ``case``: ``uint8 [num_frames, height, width, 3]``.
+
+        ``condition_slots`` zero-pads the conditions to that many slots (padding is masked out, so the video is
+        the same up to float rounding): every case then has the same sequence length and compiled kernels are
+        reused across cases. A case with more conditions raises :class:`TooManyConditionsError`.
+        """
         if (num_frames - 1) % 4 or height % 16 or width % 16:
             raise ValueError(
                 f"need num_frames = 4k+1 and sizes multiple of 16, got {num_frames}, {height}x{width}"
@@ -77,7 +89,13 @@ class LumosXGenerator:
         enc, device = self.encoders, self.device
         conds = conditions_from_case(case, identity_only=identity_only)
         layout = layout_of(conds)
-        pixels = condition_pixels(conds, (height, width)).unsqueeze(0)
+        num_slots = len(conds) if condition_slots is None else condition_slots
+        if len(conds) > num_slots:
+            raise TooManyConditionsError(
+                f"case {case.case_id} has {len(conds)} condition images, more than condition_slots={num_slots}"
+            )
+        pixels = torch.zeros((1, num_slots, 3, height, width))
+        pixels[0, : len(conds)] = condition_pixels(conds, (height, width))
         cond_latents = encode_conditions(enc, pixels, torch.tensor([len(conds)]))
 
         use_cfg = guidance_scale != 1.0
@@ -88,7 +106,7 @@ class LumosXGenerator:
         # Both branches see the same images; their MCAM templates follow their own prompt's tokens.
         templates = pad_templates(
             [mcam_template(layout, ids.tolist(), label_ids) for ids in input_ids],
-            len(conds),
+            num_slots,
             input_ids.shape[1],
         ).to(device)
         branches = len(prompts)
@@ -160,5 +178,6 @@ def generate_case(
         negative_prompt=cfg.negative_prompt,
         seed=cfg.seed,
         identity_only=cfg.identity_only,
+        condition_slots=cfg.condition_slots,
     )
     return write_mp4(frames, out, fps=cfg.fps)

@@ -3,14 +3,19 @@ latent cache."""
 
 from __future__ import annotations
 
+import gc
 import itertools
+import json
+import os
+import sys
+import threading
 
 import pytest
 import torch
 from model_fixtures import mp4_bytes, sample, write_shards
 
 from lumosx_model.components import FrozenEncoders
-from lumosx_model.config import DataConfig
+from lumosx_model.config import DataConfig, TrainConfig
 from lumosx_model.data import (
     ClipTooShortError,
     LatentCache,
@@ -183,3 +188,96 @@ def test_config_validation():
         DataConfig(shards=["x"], buckets=[(30, 48)])
     with pytest.raises(ValueError, match="temporal_crop"):
         DataConfig(shards=["x"], cache_dir="/tmp/c", temporal_crop="random")
+
+
+def test_fixed_condition_slots_give_every_batch_the_same_shape(shards, tokenizer):
+    # caps: 1 background + 1 object + 3 persons x (face + 3 attributes) = 14 slots
+    cfg = _cfg(shards, max_objects=1, condition_slots="auto", whole_person_prob=0.0)
+    assert cfg.max_conditions == cfg.num_condition_slots == 14
+    counts = set()
+    for batch in itertools.islice(iter(build_pipeline(cfg, tokenizer, seed=0)), 4):
+        assert batch.cond_pixels.shape == (2, 14, 3, 32, 48)
+        assert batch.mcam_templates.shape == (2, 14, 64)
+        for i, layout in enumerate(batch.layouts):
+            n = len(layout)
+            assert batch.cond_counts[i] == n
+            assert batch.cond_pixels[i, n:].eq(0).all() and batch.mcam_templates[i, n:].eq(0).all()
+            assert batch.cond_pixels[i, :n].abs().sum(dim=(1, 2, 3)).gt(0).all()
+        counts.add(tuple(batch.cond_counts.tolist()))
+    assert len({c for pair in counts for c in pair}) > 1  # different layouts, one shape
+
+    # The same samples, conditions and pixels as without fixed slots: only the padding differs.
+    plain = next(iter(build_pipeline(_cfg(shards, max_objects=1, whole_person_prob=0.0), tokenizer, seed=0)))
+    fixed = next(
+        iter(
+            build_pipeline(
+                _cfg(shards, max_objects=1, whole_person_prob=0.0, condition_slots=20), tokenizer, seed=0
+            )
+        )
+    )
+    n = plain.cond_pixels.shape[1]
+    assert n == int(plain.cond_counts.max()) < 20 and fixed.cond_pixels.shape[1] == 20
+    assert fixed.keys == plain.keys and torch.equal(fixed.cond_pixels[:, :n], plain.cond_pixels)
+    assert torch.equal(fixed.mcam_templates[:, :n], plain.mcam_templates)
+
+
+def test_objects_beyond_max_objects_are_dropped_at_random(tmp_path, tokenizer):
+    one = sample("many", persons=1, seed=0)
+    meta = json.loads(one["meta.json"])
+    labels = ["wooden table", "red cup", "old lamp", "green vase"]
+    meta["objects"] = [
+        {"label": label, "image": f"object_{i}.png", "mask": f"objmask_{i}.png"}
+        for i, label in enumerate(labels)
+    ]
+    meta["caption"] += " with a red cup, an old lamp and a green vase"
+    one.update({f"object_{i}.png": one["object_0.png"] for i in range(1, 4)})
+    one["meta.json"], one["caption.txt"] = json.dumps(meta).encode(), meta["caption"].encode()
+    paths = write_shards(tmp_path, [one])
+    cfg = _cfg(paths, batch_size=1, max_objects=2, condition_slots="auto")
+    assert cfg.num_condition_slots == 1 + 2 + 3 * 4
+    kept = set()
+    for batch in itertools.islice(iter(build_pipeline(cfg, tokenizer, seed=0)), 6):
+        objects = [c.label for c in batch.layouts[0].conditions if c.kind == "object"]
+        assert len(objects) == 2 and objects == sorted(objects, key=labels.index)  # caption order kept
+        kept.add(tuple(objects))
+    assert len(kept) > 1
+
+
+def test_condition_slot_config():
+    with pytest.raises(ValueError, match="set max_objects"):
+        DataConfig(shards=["x"], condition_slots="auto")
+    with pytest.raises(ValueError, match="set max_objects"):
+        DataConfig(shards=["x"], condition_slots=64)
+    with pytest.raises(ValueError, match=r"condition_slots=10 is below the 11 .*1 background \+ 2 objects"):
+        DataConfig(shards=["x"], max_objects=2, max_persons=2, max_attributes=3, condition_slots=10)
+    no_objects = DataConfig(shards=["x"], use_objects=False, use_background=False, condition_slots="auto")
+    assert no_objects.num_condition_slots == 3 * 4
+    assert DataConfig(shards=["x"]).num_condition_slots is None  # default: pad to each batch's largest count
+    # The paper presets pad to what their caps allow: one person in stage 1, up to three in stage 2.
+    assert TrainConfig.preset("paper_stage1").data.num_condition_slots == 1 + 3 + 1 * 4
+    assert TrainConfig.preset("paper_stage2").data.num_condition_slots == 1 + 3 + 3 * 4
+
+
+def test_abandoned_loader_workers_exit_cleanly(shards, tokenizer, monkeypatch):
+    """The endless stream's loader is always abandoned mid-stream; its workers must still exit with code 0.
+
+    Forked workers inherit the parent's thread-exit hooks; Prefect 3's services leave one that fails in a
+    forked child. Such a hook made every worker exit with code 1 and the loader's ``__del__`` report it.
+    """
+    parent = os.getpid()
+
+    def fails_in_forked_children() -> None:
+        if os.getpid() != parent:
+            raise AssertionError("a parent's thread-exit hook ran in a forked worker")
+
+    monkeypatch.setattr(
+        threading, "_threading_atexits", [*threading._threading_atexits, fails_in_forked_children]
+    )
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    cfg = _cfg(shards, num_workers=2)
+    batches = iter(make_loader(build_pipeline(cfg, tokenizer, seed=0), 2))
+    assert len(list(itertools.islice(batches, 3))) == 3
+    del batches  # shuts the workers down (DataLoader iterator __del__), while they are still producing
+    gc.collect()
+    assert [u.exc_value for u in unraisable] == []

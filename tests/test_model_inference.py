@@ -8,6 +8,7 @@ import torch
 from model_fixtures import case_folder
 
 from lumosx_model.components import load_transformer
+from lumosx_model.conditions import TooManyConditionsError
 from lumosx_model.config import InferenceConfig, ModelConfig
 from lumosx_model.inference import LumosXGenerator, generate_case, write_mp4
 from schemas.official_case import CaseFormatError, read_case
@@ -61,6 +62,27 @@ def test_cfg_branches_share_image_conditions_and_seed_is_reproducible(tmp_path):
     calls.clear()
     faces = gen.generate(case, **{**kwargs, "guidance_scale": 1.0}, identity_only=True)
     assert faces.shape == (5, 32, 48, 3) and calls[0]["cond_latents"].shape[:2] == (1, 2)
+
+
+def test_fixed_condition_slots_pad_the_case_and_keep_the_video(tmp_path):
+    gen = LumosXGenerator.from_config(InferenceConfig.preset("inference_tiny"))
+    shapes = []
+    forward = gen.transformer.forward
+
+    def spy(hidden, t, text, **kw):
+        shapes.append((tuple(kw["cond_latents"].shape), tuple(kw["mcam_templates"].shape)))
+        return forward(hidden, t, text, **kw)
+
+    gen.transformer.forward = spy
+    case = read_case(case_folder(tmp_path))  # 6 condition images
+    kwargs = dict(height=32, width=48, num_frames=5, steps=2, seed=3)
+    own = gen.generate(case, **kwargs)
+    padded = gen.generate(case, **kwargs, condition_slots=9)
+    assert shapes[0][1] == (2, 6, 64) and shapes[-1] == ((2, 9, 16, 4, 6), (2, 9, 64))
+    # padding slots are masked out: the same video up to float rounding (uint8 frames: at most 1 level)
+    assert (own.int() - padded.int()).abs().max() <= 1
+    with pytest.raises(TooManyConditionsError, match="6 condition images, more than condition_slots=5"):
+        gen.generate(case, **kwargs, condition_slots=5)
 
 
 def test_loads_trained_transformer(tmp_path):

@@ -118,6 +118,25 @@ def test_stage_filter_reaches_the_trainer(tmp_path, shards):
     trainer.close()
 
 
+def test_trains_on_fixed_condition_slots(tmp_path, shards):
+    # 1 background + 1 object + 3 persons x (face + 3 attributes) = 14 slots, whatever each batch holds
+    cfg = _cfg(tmp_path, shards, max_steps=2, data={"max_objects": 1, "condition_slots": "auto"})
+    trainer = Trainer(cfg)
+    shapes, counts = set(), set()
+    forward = trainer.model.forward
+
+    def spy(hidden, t, text, **kw):
+        shapes.add(tuple(kw["cond_latents"].shape[:2]) + tuple(kw["mcam_templates"].shape))
+        counts.update(len(layout) for layout in kw["layouts"])
+        return forward(hidden, t, text, **kw)
+
+    trainer.model.forward = spy
+    losses = trainer.fit()
+    trainer.close()
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert shapes == {(2, 14, 2, 14, 64)} and max(counts) < 14
+
+
 def test_bad_resume_path_is_a_clear_error(tmp_path, shards):
     with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
         Trainer(_cfg(tmp_path, shards, resume_from=str(tmp_path / "nope")))
