@@ -52,6 +52,21 @@ def box_in_image(x0: float, y0: float, x1: float, y1: float, width: int, height:
     return box if box.area > 0 else None
 
 
+def _undo_pil_patch() -> None:
+    """Give PIL.Image.open back its own function.
+
+    Importing ultralytics replaces PIL.Image.open process-wide with a wrapper that, on an image PIL cannot
+    identify, pip-installs pi-heif at run time and retries. In a curation worker a broken image must fail that
+    image with PIL's UnidentifiedImageError, and nothing may install packages behind the user's back.
+    """
+    from PIL import Image
+    from ultralytics.utils import patches
+
+    original = getattr(patches, "_image_open", None)
+    if original is not None and Image.open is getattr(patches, "image_open", None):
+        Image.open = original
+
+
 @PERSON_DETECTORS.register("yolo")
 class YoloPersonDetector:
     """ultralytics YOLO, person class only.
@@ -79,6 +94,7 @@ class YoloPersonDetector:
             from ultralytics import YOLO
         except ImportError as e:  # pragma: no cover - ultralytics is a core dependency
             raise ModelLoadError(f"backend 'yolo' needs ultralytics: {e}") from e
+        _undo_pil_patch()
         if spec.trust_remote_code:
             logger.info("trust_remote_code has no effect on YOLO weights")
         source = (

@@ -68,3 +68,17 @@ def test_bad_input_and_bad_specs_fail_clearly(tmp_path):
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelLoadError, match="cannot load YOLO weights"):
         PERSON_DETECTORS.build(ModelSpec(backend="yolo", weights=str(broken)))
+
+
+def test_building_yolo_leaves_pil_image_open_alone(tmp_path):
+    """ultralytics patches PIL.Image.open to pip-install pi-heif on unknown images; the adapter undoes it."""
+    from PIL import Image, UnidentifiedImageError
+
+    from models.base import ModelSpec
+    from models.person_detector import PERSON_DETECTORS
+
+    PERSON_DETECTORS.build(ModelSpec(backend="yolo", random_init=True, device="cpu"))
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(bad)
