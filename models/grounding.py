@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device, resolve_dtype
+from models.tiny_vocab import TINY_WORDS
 from schemas.records import Box
 
 logger = logging.getLogger(__name__)
@@ -275,67 +276,6 @@ class GroundingDinoDetector:
 
 # Test build ------------------------------------------------------------------------------------------------
 
-_TINY_WORDS = [
-    "a",
-    "an",
-    "the",
-    "of",
-    "with",
-    "and",
-    "on",
-    "in",
-    "man",
-    "woman",
-    "boy",
-    "girl",
-    "person",
-    "shirt",
-    "t-shirt",
-    "jacket",
-    "coat",
-    "dress",
-    "skirt",
-    "pants",
-    "jeans",
-    "shorts",
-    "hat",
-    "cap",
-    "glasses",
-    "sunglasses",
-    "watch",
-    "bag",
-    "backpack",
-    "scarf",
-    "tie",
-    "shoes",
-    "hair",
-    "black",
-    "white",
-    "red",
-    "blue",
-    "green",
-    "yellow",
-    "brown",
-    "grey",
-    "gray",
-    "pink",
-    "long",
-    "short",
-    "curly",
-    "wooden",
-    "cutting",
-    "board",
-    "cup",
-    "table",
-    "chair",
-    "dog",
-    "cat",
-    "car",
-    "ball",
-    "guitar",
-    "phone",
-]
-
 
 def _tiny_grounding_dino():
     """GroundingDINO with a tiny Swin backbone and a tiny BERT text encoder, random weights, no download.
@@ -355,7 +295,7 @@ def _tiny_grounding_dino():
     )
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "-"]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + list(_TINY_WORDS)))}
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + list(TINY_WORDS)))}
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
     image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 128})
     processor = GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)

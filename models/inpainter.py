@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device, resolve_dtype
+from models.tiny_vocab import TINY_WORDS
 
 logger = logging.getLogger(__name__)
 
@@ -208,46 +209,8 @@ def clean_plate(
 
 # Test build ------------------------------------------------------------------------------------------------
 
-_TINY_WORDS = [
-    "a",
-    "an",
-    "the",
-    "of",
-    "in",
-    "on",
-    "with",
-    "and",
-    "no",
-    "empty",
-    "scene",
-    "people",
-    "person",
-    "room",
-    "kitchen",
-    "garden",
-    "street",
-    "park",
-    "beach",
-    "office",
-    "living",
-    "bedroom",
-    "studio",
-    "forest",
-    "city",
-    "road",
-    "sky",
-    "lush",
-    "modern",
-    "wooden",
-    "white",
-    "bright",
-    "dark",
-    "green",
-    "blue",
-    "indoor",
-    "outdoor",
-]
-_LETTERS = list("abcdefghijklmnopqrstuvwxyz0123456789")
+
+_LETTERS = list("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
 def _tiny_clip_tokenizer():
@@ -259,7 +222,7 @@ def _tiny_clip_tokenizer():
     merges: list[tuple[str, str]] = []
     for tok in _LETTERS + [c + "</w>" for c in _LETTERS] + [",</w>", ".</w>"]:
         vocab.setdefault(tok, len(vocab))
-    for word in _TINY_WORDS:
+    for word in TINY_WORDS:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         acc = pieces[0]
         for piece in pieces[1:]:
@@ -276,7 +239,7 @@ def _tiny_t5_tokenizer():
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0), (",", -2.0), (".", -2.0)]
-    pieces += [("▁" + w, -1.0) for w in _TINY_WORDS] + [(c, -5.0) for c in _LETTERS]
+    pieces += [("▁" + w, -1.0) for w in TINY_WORDS] + [(c, -5.0) for c in _LETTERS]
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
