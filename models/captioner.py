@@ -27,7 +27,14 @@ from typing import Any, Protocol
 from PIL import Image
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device, resolve_dtype
-from models.qwen_vl import QwenVL, batched, generate_text, load_error, tiny_byte_tokenizer
+from models.qwen_vl import (
+    QwenVL,
+    batched,
+    from_pretrained_vlm,
+    generate_text,
+    load_error,
+    tiny_byte_tokenizer,
+)
 from schemas.records import ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -179,7 +186,7 @@ def load_nvila(
     does not know) before anything is imported or executed, so the error says what to opt into instead of
     failing half-way through a load.
     """
-    from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, PreTrainedConfig
+    from transformers import AutoModel, AutoModelForImageTextToText, PreTrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     try:
@@ -203,25 +210,22 @@ def load_nvila(
         logger.warning(
             "loading %s with trust_remote_code and no pinned revision: its code may change upstream", weights
         )
-    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     # NVILA-hf registers its model class under AutoModel; native VLMs under AutoModelForImageTextToText.
     auto_cls = (
         AutoModel
         if needs_remote_code and "AutoModelForImageTextToText" not in auto_map
         else AutoModelForImageTextToText
     )
-    try:
-        processor = AutoProcessor.from_pretrained(weights, **kwargs)
-        model = auto_cls.from_pretrained(
-            weights,
-            dtype=dtype,
-            device_map={"": device},  # straight to the device, no full copy in host memory first
-            **({"attn_implementation": attn_implementation} if attn_implementation else {}),
-            **kwargs,
-        )
-    except (OSError, ValueError) as exc:
-        raise load_error("NVILA", weights, revision, exc) from exc
-    return model, processor
+    return from_pretrained_vlm(
+        auto_cls,
+        "NVILA",
+        weights,
+        revision=revision,
+        device=device,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 # Chat template of the test build: ChatML, as NVILA-hf's Qwen2 LLM uses; <video> is LLaVA-OneVision's

@@ -247,12 +247,42 @@ def load_qwen_vl(
     weights: str, *, revision: str | None, device: str, dtype, attn_implementation: str | None = None
 ):
     """Model and processor of a Qwen2.5-VL checkpoint (hub id or local directory), placed on `device`."""
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": False}
+    return from_pretrained_vlm(
+        Qwen2_5_VLForConditionalGeneration,
+        "Qwen2.5-VL",
+        weights,
+        revision=revision,
+        device=device,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=False,  # native in transformers: never run checkpoint code
+    )
+
+
+def from_pretrained_vlm(
+    model_cls,
+    family: str,
+    weights: str,
+    *,
+    revision: str | None,
+    device: str,
+    dtype,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Processor + model of a vision-language checkpoint, loaded straight onto `device`, in eval mode.
+
+    The one loading path of the project's VLMs (Qwen2.5-VL here, NVILA in captioner.py): same revision pinning,
+    same remote-code switch, same error message when the weights are missing.
+    """
+    from transformers import AutoProcessor
+
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         processor = AutoProcessor.from_pretrained(weights, **kwargs)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model = model_cls.from_pretrained(
             weights,
             dtype=dtype,
             device_map={"": device},  # straight to the device, no full copy in host memory first
@@ -260,7 +290,7 @@ def load_qwen_vl(
             **kwargs,
         )
     except (OSError, ValueError) as exc:
-        raise load_error("Qwen2.5-VL", weights, revision, exc) from exc
+        raise load_error(family, weights, revision, exc) from exc
     return model.eval(), processor
 
 
