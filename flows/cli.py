@@ -68,13 +68,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from flows.sample_data import make_sample_videos
+    from flows.curate import BUILTIN_SAMPLES
 
-    data_dir = Path(args.output) / "sample_videos"
-    videos = make_sample_videos(data_dir)
-    print(f"built {len(videos)} sample videos in {data_dir}")
     report = _flow(args)(
-        input=str(data_dir),
+        input=BUILTIN_SAMPLES,
         output=args.output,
         profile=args.profile,
         overrides=_parse_set(args.set),

@@ -32,6 +32,10 @@ from tasks.runner import BatchOutcome, run_stage_batch
 
 logger = logging.getLogger(__name__)
 
+BUILTIN_SAMPLES = "builtin:samples"
+"""`input` value that curates the built-in sample videos (written to <output>/sample_videos): the demo, and the
+default of the `raw-videos` deployment so that it runs on a fresh machine before anyone points it at data."""
+
 
 def _retry_transient(task, task_run, state) -> bool:
     """Retry a batch only for errors that may go away (I/O, CUDA OOM); a bad video is a failure row instead."""
@@ -161,7 +165,8 @@ def curate(
     """Curate raw videos into LumosX training shards; returns the run report (also written to report.json).
 
     Args:
-        input: a directory (searched recursively), a glob, or an fsspec URL of videos.
+        input: a directory (searched recursively), a glob, or an fsspec URL of videos; or `builtin:samples`
+            for the built-in sample videos (made from images shipped in pip packages).
         output: where shards/, manifest.parquet, index.json, failures.parquet, report.json and work/ go.
             Reusing an output directory resumes: finished work with the same configuration is skipped.
         profile: `paper` (the paper's models, GPUs), `offline` (real small weights shipped in pip packages,
@@ -186,6 +191,8 @@ def curate(
 
     from tasks.ingest import discover
 
+    if input == BUILTIN_SAMPLES:
+        input = str(_builtin_samples(out_dir / "sample_videos"))
     uris = discover(input, config.ingest.extensions)
     if limit is not None:
         uris = uris[:limit]
@@ -283,6 +290,17 @@ def curate(
     log.info(message)
     # A failed video is data, not a crashed run: the state stays Completed and its message says how many.
     return Completed(message=message, data=report)
+
+
+def _builtin_samples(directory: Path) -> Path:
+    """Write the sample videos once; a rerun reuses them, so their content ids (and the resume) stay put."""
+    from flows.sample_data import make_sample_videos
+
+    done = directory / ".complete"
+    if not done.exists():
+        make_sample_videos(directory)
+        done.touch()
+    return directory
 
 
 def _current_failures(
