@@ -1,84 +1,138 @@
 """`lumosx-curate`: run the curate flow, the built-in demo, and the helpers around them.
 
-Exit status of `run` and `demo`: 0 when every video went through, otherwise the number of videos that failed
-(capped at 125), so a scheduler sees a partial run without parsing logs; the failures table says why.
+Exit status of `run` and `demo` (BSD sysexits for errors, so a scheduler can tell them from failed videos):
+
+    0       every video went through
+    1-63    that many videos failed (63: 63 or more); failures.parquet says why. The run itself completed.
+    64      bad command line                      66  the input does not exist
+    70      an internal error (a bug: please report it with the traceback)
+    73      the output cannot be written          74  stopped early: disk full, out of memory (rerun to finish)
+    75      the output is in use by another run   78  configuration: profile, setting, model weights, resources
+    130     interrupted (Ctrl-C)
+
+Arguments, configuration, paths, model weights and the output's lock are checked before anything starts
+(flows/preflight.py): a mistake costs one line and well under two seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import yaml
+from flows.preflight import (
+    EX_CONFIG,
+    EX_IOERR,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    MAX_FAILED_CODE,
+    PreflightError,
+    check_config,
+    check_input,
+    check_output,
+    check_unlocked,
+    check_weights,
+    parse_overrides,
+)
+
+BUILTIN_SAMPLES = "builtin:samples"
 
 
-def _parse_set(pairs: list[str]) -> dict[str, Any]:
-    """`--set faces.min_size_px=48 --set run.batch_size=4` -> nested dict (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects key.path=value, got {pair!r}")
-        path, raw = pair.split("=", 1)
-        node = out
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw)
-    return out
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EX_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _exit_code(report: dict[str, Any]) -> int:
-    return min(int(report["videos_failed"]), 125)
+    return min(int(report["videos_failed"]), MAX_FAILED_CODE)
 
 
 def _print_summary(report: dict[str, Any], output: str) -> None:
-    print(json.dumps({k: report[k] for k in ("samples", "shards", "videos_found", "videos_failed")}))
-    print(f"shards, manifest.parquet, index.json, failures.parquet and report.json are in {output}")
-    if report["random_weight_stages"]:
-        print(f"WARNING: stages {report['random_weight_stages']} ran with RANDOM WEIGHTS: not training data")
+    keys = ("samples", "shards", "videos_found", "videos_failed", "failures_by_reason")
+    print(json.dumps({k: report[k] for k in keys}))
+    print(f"shards, index.json, manifest.parquet, failures.parquet and report.json are in {output}", file=sys.stderr)
+    if report["random_weight_samples"]:
+        print(f"WARNING: {report['random_weight_samples']} samples were made with RANDOM WEIGHTS", file=sys.stderr)
 
 
-def _flow(args: argparse.Namespace):
-    from prefect.task_runners import ThreadPoolTaskRunner
+def _preflight(args: argparse.Namespace, input: str):
+    config = check_config(args.profile, parse_overrides(args.set))
+    check_input(input)
+    check_output(args.output)
+    check_weights(config)
+    check_unlocked(args.output)
+    if args.executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise PreflightError(EX_CONFIG, "the Ray executor needs ray: pip install 'ray[default]' "
+                                 "(or run with --executor local)") from None
+    return config
 
+
+def _curate(args: argparse.Namespace, input: str) -> int:
+    config = _preflight(args, input)
+    if args.executor == "ray" and not args.ray_address:
+        # A local Ray starts while Prefect starts its temporary server, not after it.
+        from tasks.ray_executor import start_local_ray
+
+        start_local_ray(config)
     from flows.curate import curate
 
-    return (
-        curate.with_options(task_runner=ThreadPoolTaskRunner(max_workers=args.threads))
-        if args.threads
-        else curate
+    # The flow reports how long Prefect took to reach its body (its temporary server starts in between).
+    os.environ["LUMOSX_FLOW_CALLED_AT"] = repr(time.time())
+    state = curate(
+        input=input,
+        output=args.output,
+        profile=args.profile,
+        overrides=parse_overrides(args.set),
+        limit=getattr(args, "limit", None),
+        progress=not args.no_progress,
+        executor=args.executor,
+        ray_address=args.ray_address,
+        return_state=True,
     )
+    if not state.is_completed():
+        result = state.result(raise_on_failure=False)
+        return _fail(result if isinstance(result, BaseException) else None, state.message)
+    report = state.result()
+    _print_summary(report, args.output)
+    return _exit_code(report)
+
+
+def _fail(error: BaseException | None, message: str | None) -> int:
+    from tasks.base import EnvironmentFault
+    from tasks.lock import OutputLocked
+
+    print(f"lumosx-curate: {message or error}", file=sys.stderr)
+    if isinstance(error, EnvironmentFault):
+        return EX_IOERR
+    if isinstance(error, OutputLocked):
+        return EX_TEMPFAIL
+    try:
+        from models.base import ModelLoadError
+        from tasks.placement import PlacementError
+        from tasks.ray_executor import StartupError
+
+        if isinstance(error, ModelLoadError | PlacementError | StartupError):
+            return EX_CONFIG
+    except ImportError:
+        pass
+    return EX_SOFTWARE
 
 
 def _run(args: argparse.Namespace) -> int:
-    report = _flow(args)(
-        input=args.input,
-        output=args.output,
-        profile=args.profile,
-        overrides=_parse_set(args.set),
-        limit=args.limit,
-        progress=not args.no_progress,
-    )
-    _print_summary(report, args.output)
-    return _exit_code(report)
+    return _curate(args, args.input)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from flows.curate import BUILTIN_SAMPLES
-
-    report = _flow(args)(
-        input=BUILTIN_SAMPLES,
-        output=args.output,
-        profile=args.profile,
-        overrides=_parse_set(args.set),
-        progress=not args.no_progress,
-    )
-    _print_summary(report, args.output)
-    return _exit_code(report)
+    return _curate(args, BUILTIN_SAMPLES)
 
 
 def _sample_data(args: argparse.Namespace) -> int:
@@ -103,7 +157,7 @@ def _export(args: argparse.Namespace) -> int:
 
     report = export_cases(args.shards, args.output, task=args.task, overwrite=args.overwrite)
     print(json.dumps({"written": len(report.written), "failed": report.reasons()}))
-    return min(len(report.failures), 125)
+    return min(len(report.failures), MAX_FAILED_CODE)
 
 
 def _build_benchmark(args: argparse.Namespace) -> int:
@@ -121,22 +175,33 @@ def _build_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Without PREFECT_API_URL the flow starts a temporary local server; 20 s (the default) is tight on 2 busy cores.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    parser = argparse.ArgumentParser(prog="lumosx-curate", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
+def _verify(args: argparse.Namespace) -> int:
+    from tasks.output import OutputDir
+    from tasks.shards import verify
+
+    bad = verify(OutputDir(args.output))
+    for line in bad:
+        print(line)
+    print(json.dumps({"damaged": len(bad)}))
+    return min(len(bad), MAX_FAILED_CODE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lumosx-curate", description=__doc__.splitlines()[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     def common(p: argparse.ArgumentParser, default_profile: str) -> None:
+        p.add_argument("--profile", default=default_profile, help="paper | offline | test | path to a YAML profile")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument(
-            "--profile", default=default_profile, help="paper | offline | test | path to a YAML profile"
+            "--executor", choices=["ray", "local"], default="ray",
+            help="ray: stage actor pools on a Ray cluster (default; a local Ray without --ray-address); "
+            "local: every stage in this process",
         )
-        p.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable"
-        )
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
-        p.add_argument("--threads", type=int, default=None, help="task-runner threads (default 4)")
+        p.add_argument("--ray-address", default=None, help="auto, or ray://head:10001 (default: start a local Ray)")
+        p.add_argument("--log-level", default="WARNING", help="logging level of this process (default WARNING)")
 
     run = sub.add_parser("run", help="curate a folder, glob or fsspec URL of videos")
     run.add_argument("input")
@@ -167,14 +232,35 @@ def main(argv: list[str] | None = None) -> int:
     bb.add_argument("output")
     bb.add_argument("--mix", type=int, nargs=3, default=[220, 230, 50], metavar=("ONE", "TWO", "THREE"))
     bb.add_argument("--seed", type=int, default=0)
-    bb.add_argument(
-        "--train-shards", default=None, help="shards used for training, to keep out of the test set"
-    )
+    bb.add_argument("--train-shards", default=None, help="shards used for training, to keep out of the test set")
     bb.add_argument("--overwrite", action="store_true")
     bb.set_defaults(func=_build_benchmark)
 
-    args = parser.parse_args(argv)
-    return args.func(args)
+    vf = sub.add_parser("verify", help="check every shard of an output against index.json (size and sha256)")
+    vf.add_argument("output")
+    vf.set_defaults(func=_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without PREFECT_API_URL the flow starts a temporary local server; 20 s (the default) is tight on 2 busy cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    args = build_parser().parse_args(argv)
+    level = getattr(logging, str(getattr(args, "log_level", "WARNING")).upper(), logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    for name in ("flows", "tasks", "models"):
+        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).addHandler(handler)
+    try:
+        return args.func(args)
+    except PreflightError as e:
+        print(f"lumosx-curate: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("lumosx-curate: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

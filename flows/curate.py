@@ -1,34 +1,39 @@
-"""The `curate` flow: raw videos -> per-stage records -> WebDataset shards, manifest and index.
+"""The `curate` flow: raw videos -> WebDataset shards, manifest, index, failures table and run report.
 
-Run it from the CLI (`lumosx-curate run`), from Python (`curate(input=..., output=...)`) or as the Prefect
-deployment `curate/raw-videos` (prefect.yaml). Tasks map over *batches* of video ids: frames never travel
-through Prefect, only ids and small records; every stage reads and writes its records in the work directory.
-Batches are pipelined: batch 2 can be captioned while batch 1 is in face detection.
+Run it from the CLI (`lumosx-curate run`), from Python (`curate(input=..., output=...)`) or as the Prefect deployment
+`curate/raw-videos` (prefect.yaml). Prefect orchestrates: the flow run, its parameters and schedule, one task run
+per *partition* of the input (a few thousand videos; each retried on its own and resumable), the run report and
+failure table as artifacts. The work itself runs on the executor (tasks/engine.py): by default a pool of Ray actors
+per stage, on a local Ray or on the cluster at `ray_address`, with frames streaming between stages in memory.
+Frames, records and samples never pass through Prefect.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import hashlib
 import logging
 import os
 import time
+import uuid
+from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import PrefectFuture, as_completed
-from prefect.states import Completed
+from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from models.base import resolve_device
-from schemas.config import CurateConfig, fingerprint, load_config
-from schemas.records import FailureRecord
-from tasks.base import TransientError, WorkDir, atomic_write_json
-from tasks.pipeline import ingest_fingerprint, stage_classes, stage_fingerprints
-from tasks.runner import BatchOutcome, run_stage_batch
+from schemas.config import load_config
+from tasks.base import EnvironmentFault
+from tasks.engine import Curation, PartitionSummary
 
 logger = logging.getLogger(__name__)
 
@@ -36,124 +41,32 @@ BUILTIN_SAMPLES = "builtin:samples"
 """`input` value that curates the built-in sample videos (written to <output>/sample_videos): the demo, and the
 default of the `raw-videos` deployment so that it runs on a fresh machine before anyone points it at data."""
 
+# Partition tasks reach their run's engine through this registry (threads of one flow run share it): Prefect
+# passes a key, never the engine, the executor or a partition's file list.
+_RUNS: dict[str, Curation] = {}
 
-def _retry_transient(task, task_run, state) -> bool:
-    """Retry a batch only for errors that may go away (I/O, CUDA OOM); a bad video is a failure row instead."""
+
+def _retry_partition(task, task_run, state) -> bool:
+    """Retry a partition for anything but a machine that cannot go on (disk full): that stops the run."""
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, (TransientError, OSError)) or type(exc).__name__ == "OutOfMemoryError"
+    return not isinstance(exc, EnvironmentFault)
 
 
-_TASK_OPTIONS: dict[str, Any] = dict(
-    cache_policy=NO_CACHE,  # resume is done by the record store, keyed by configuration fingerprints
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=_retry_transient,
+@task(
+    name="partition",
+    task_run_name="partition-{number}",
+    cache_policy=NO_CACHE,  # resume is the ledger's job, keyed by configuration fingerprints
     persist_result=False,
+    retry_condition_fn=_retry_partition,
+    retry_delay_seconds=[10, 60],
 )
+def curate_partition(run_key: str, number: int) -> PartitionSummary:
+    """One partition through every stage into its shards. A retry skips what the failed attempt committed."""
+    engine = _RUNS[run_key]
+    return engine.run_partition(engine.partition(number))
 
 
-@task(name="ingest", task_run_name="ingest-{batch_no}", **_TASK_OPTIONS)
-def ingest_task(uris: list[str], config: CurateConfig, work_root: str, batch_no: int) -> BatchOutcome:
-    from tasks.ingest import ingest_batch
-
-    work = WorkDir(work_root)
-    t0 = time.perf_counter()
-    records, failures = ingest_batch(uris, config, work)
-    out = BatchOutcome(stage="ingest", ok=[r.video_id for r in records], processed=len(uris))
-    out.failed.update(f.error_class for f in failures)
-    out.seconds = time.perf_counter() - t0
-    return out
-
-
-@task(name="stage", task_run_name="{stage_name}-{batch_no}", **_TASK_OPTIONS)
-def stage_task(
-    stage_name: str,
-    upstream: BatchOutcome | list[str],
-    config: CurateConfig,
-    work_root: str,
-    fingerprints: dict[str, str],
-    batch_no: int,
-) -> BatchOutcome:
-    """One stage over one batch. `upstream` is the previous stage's outcome for this batch (its ok ids go on)."""
-    video_ids = upstream if isinstance(upstream, list) else upstream.ok
-    work = WorkDir(work_root)
-    cls = next(c for c in stage_classes(config) if c.name == stage_name)
-    stage = cls(config, work)
-    on_gpu = cls.uses_gpu and any(resolve_device(s.device).startswith("cuda") for s in stage.model_specs())
-    if on_gpu and config.run.gpu_slot:
-        # A global concurrency limit caps how many batches use the GPUs at once across all workers.
-        from prefect.concurrency.sync import concurrency
-
-        with concurrency(config.run.gpu_slot, occupy=1, strict=False):
-            return run_stage_batch(stage, video_ids, fingerprints, retry_failed=config.run.retry_failed)
-    return run_stage_batch(stage, video_ids, fingerprints, retry_failed=config.run.retry_failed)
-
-
-@task(name="write-shards", **_TASK_OPTIONS)
-def write_shards_task(
-    output: str, work_root: str, sample_ids: list[str], config: CurateConfig, sample_fp: str
-):
-    from tasks.shards import PendingSample, write_manifest, write_shards
-
-    work = WorkDir(work_root)
-    t0 = time.perf_counter()
-    pending = [
-        PendingSample(key=k, directory=work.samples / k, fingerprint=sample_fp) for k in sorted(sample_ids)
-    ]
-    summary = write_shards(Path(output), pending, config.shards)
-    rows, random_stages = write_manifest(Path(output), work)
-    return summary, rows, random_stages, time.perf_counter() - t0
-
-
-def _chunks(items: list[str], n: int) -> list[list[str]]:
-    return [items[i : i + n] for i in range(0, len(items), n)]
-
-
-class _Progress:
-    """A bar per stage in the terminal and one progress artifact in the Prefect UI."""
-
-    def __init__(self, stages: list[str], total_batches: int, show: bool):
-        self.total = max(1, total_batches * len(stages))
-        self.done = 0
-        self.last_update = time.monotonic()
-        self.bars = {}
-        if show:
-            from tqdm.auto import tqdm
-
-            self.bars = {
-                s: tqdm(total=total_batches, desc=f"{s:>10}", unit="batch", position=i, leave=True)
-                for i, s in enumerate(stages)
-            }
-        try:
-            self.artifact = create_progress_artifact(
-                0.0, key="curate-progress", description="batches x stages"
-            )
-        except Exception:  # noqa: BLE001 - progress is best effort (e.g. no API in a bare test)
-            self.artifact = None
-
-    def step(self, stage: str) -> None:
-        self.done += 1
-        if stage in self.bars:
-            self.bars[stage].update(1)
-        # Each update is an API round trip: at most one every few seconds, and the last one.
-        now = time.monotonic()
-        if self.artifact is not None and (now - self.last_update > 5.0 or self.done == self.total):
-            self.last_update = now
-            with contextlib.suppress(Exception):  # progress is best effort
-                update_progress_artifact(self.artifact, 100.0 * self.done / self.total)
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-
-
-# Threads overlap the stages of different batches (one model instance is never called by two at once, see
-# tasks/runner.py). LUMOSX_CURATE_THREADS sizes the pool; on a cluster, swap the runner itself with
-# curate.with_options(task_runner=DaskTaskRunner(...)) from prefect-dask, or RayTaskRunner from prefect-ray.
-DEFAULT_THREADS = int(os.environ.get("LUMOSX_CURATE_THREADS", "4"))
-
-
-@flow(name="curate", task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_THREADS), validate_parameters=True)
+@flow(name="curate", task_runner=ThreadPoolTaskRunner(max_workers=64), validate_parameters=True)
 def curate(
     input: str,
     output: str,
@@ -161,141 +74,164 @@ def curate(
     overrides: dict[str, Any] | None = None,
     limit: int | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+    executor: Literal["ray", "local"] = "ray",
+    ray_address: str | None = None,
+    storage_block: str | None = None,
+):
     """Curate raw videos into LumosX training shards; returns the run report (also written to report.json).
 
     Args:
         input: a directory (searched recursively), a glob, or an fsspec URL of videos; or `builtin:samples`
             for the built-in sample videos (made from images shipped in pip packages).
-        output: where shards/, manifest.parquet, index.json, failures.parquet, report.json and work/ go.
-            Reusing an output directory resumes: finished work with the same configuration is skipped.
+        output: a directory or fsspec URL for shards/, index.json(l), manifest.parquet, failures.parquet,
+            report.json and work/ (the resume ledger). Reusing an output resumes: finished work is skipped.
         profile: `paper` (the paper's models, GPUs), `offline` (real small weights shipped in pip packages,
             CPU, no model hub), `test` (tiny random builds), or a path to a YAML profile.
         overrides: nested config overrides, e.g. {"run": {"batch_size": 16}, "faces": {"min_size_px": 48}}.
-        limit: process at most this many videos (after sorting), for smoke runs.
-        progress: show per-stage progress bars on the terminal.
+        limit: curate at most this many of the videos found (in discovery order), for smoke runs.
+        progress: show a progress bar on the terminal.
+        executor: `ray` (stage actor pools on a Ray cluster; a local Ray is started when `ray_address` is empty)
+            or `local` (every stage in this process: quick to start, one machine).
+        ray_address: `auto` (the cluster this machine belongs to), `ray://head:10001`, or empty for a local Ray.
+        storage_block: name of a Prefect Secret block holding fsspec storage options (JSON) for an s3:// or gs://
+            output or input; without it the usual environment variables (AWS_*, ...) apply.
     """
+    called_at = os.environ.pop("LUMOSX_FLOW_CALLED_AT", None)
+    prefect_seconds = round(time.time() - float(called_at), 3) if called_at else None
     log = get_run_logger()
-    t_start = time.perf_counter()
     config = load_config(profile, overrides)
-    out_dir = Path(output)
-    work = WorkDir(out_dir / "work")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "config.json", config)
+    if input == BUILTIN_SAMPLES:
+        input = str(_builtin_samples(output))
+    engine = Curation(
+        config,
+        input,
+        output,
+        executor=executor,
+        ray_address=ray_address or None,
+        limit=limit,
+        storage_options=_storage_options(storage_block),
+    )
+    engine.prefect_seconds = prefect_seconds
     random_stages = config.random_weight_stages()
     if random_stages:
-        log.warning(
-            "stages %s are configured with RANDOM-WEIGHT test builds: whatever they produce is flagged as not data",
-            random_stages,
-        )
-
-    from tasks.ingest import discover
-
-    if input == BUILTIN_SAMPLES:
-        input = str(_builtin_samples(out_dir / "sample_videos"))
-    uris = discover(input, config.ingest.extensions)
-    if limit is not None:
-        uris = uris[:limit]
-    log.info("found %d videos under %s", len(uris), input)
-
-    stages = [c.name for c in stage_classes(config)]
-    fps = stage_fingerprints(config, work)
-    outcomes: dict[str, BatchOutcome] = {s: BatchOutcome(stage=s) for s in ["ingest", *stages]}
-
-    # Ingest first, as a barrier: identical files at two paths collapse to one content id before batching.
-    # Retries are configuration (the decorator's value is only the default).
-    ingest = ingest_task.with_options(retries=config.run.retries)
-    run_stage = stage_task.with_options(retries=config.run.retries)
-    ingest_futures = [
-        ingest.submit(batch, config, str(work.root), i)
-        for i, batch in enumerate(_chunks(uris, config.run.batch_size))
-    ]
-    for fut in ingest_futures:
-        outcomes["ingest"].merge(fut.result())
-    video_ids = sorted(set(outcomes["ingest"].ok))
-
-    batches = _chunks(video_ids, config.run.batch_size)
-    bar = _Progress(stages, len(batches), progress)
-    # A sliding window of batches: each batch's chain of stage tasks is submitted when an earlier batch has
-    # left the pipeline, so a million-video run never holds (or registers with the server) every task at once.
-    todo = list(enumerate(batches))[::-1]
-    in_flight: dict[PrefectFuture, str] = {}
-    open_chains = 0
-    while todo or in_flight:
-        while todo and open_chains < config.run.max_batches_in_flight:
-            i, batch = todo.pop()
-            upstream: Any = batch
-            for name in stages:
-                upstream = run_stage.submit(name, upstream, config, str(work.root), fps, i)
-                in_flight[upstream] = name
-            open_chains += 1
-        fut = next(as_completed(list(in_flight)))
-        name = in_flight.pop(fut)
-        outcomes[name].merge(fut.result())
-        bar.step(name)
-        if name == stages[-1]:
-            open_chains -= 1
-    bar.close()
-
-    sample_ids = outcomes["sample"].ok
-    summary, rows, random_in_samples, shard_seconds = write_shards_task(
-        str(out_dir), str(work.root), sample_ids, config, fps["sample"]
-    )
-
-    failures = _current_failures(work, uris, video_ids, fps, config)
-    from tasks.shards import write_failures
-
-    write_failures(out_dir, failures)
-    failed_videos = len({f.uri for f in failures})
-    wall = time.perf_counter() - t_start
-    compute = sum(o.seconds for o in outcomes.values()) + shard_seconds
-    report = {
-        "profile": config.profile,
-        "config_fingerprint": fingerprint(config),
-        "random_weight_stages": random_in_samples,
-        "configured_random_weight_stages": random_stages,
-        "videos_found": len(uris),
-        "videos_failed": failed_videos,
-        "samples": summary.total_samples,
-        "shards": summary.total_shards,
-        "samples_written_this_run": summary.written_samples,
-        "manifest_rows": rows,
-        "stages": {
-            name: {
-                "ok": len(o.ok),
-                "processed": o.processed,
-                "skipped_resumed": o.skipped,
-                "failed": dict(sorted(o.failed.items())),
-                "seconds": round(o.seconds, 3),
-                "seconds_per_video": round(o.seconds / o.processed, 4) if o.processed else None,
-            }
-            for name, o in outcomes.items()
-        },
-        "shard_seconds": round(shard_seconds, 3),
-        "wall_seconds": round(wall, 3),
-        "compute_seconds": round(compute, 3),
-        "orchestration_overhead": round(wall / compute, 3) if compute > 0 else None,
-    }
-    atomic_write_json(out_dir / "report.json", report)
+        log.warning("stages %s use RANDOM-WEIGHT test builds: their samples are not data", random_stages)
+    run_key = uuid.uuid4().hex
+    _RUNS[run_key] = engine
+    bar = _Progress(engine, progress)
+    error: BaseException | None = None
     try:
-        create_markdown_artifact(
-            _report_markdown(report), key="curate-report", description="curate run report"
+        with engine:
+            error = _run_partitions(engine, run_key, config.run, bar)
+            report = engine.finalize()
+    finally:
+        _RUNS.pop(run_key, None)
+        bar.close()
+    _publish(report, engine)
+    if error is not None:
+        reason = engine.aborted or f"{type(error).__name__}: {error}"
+        message = (
+            f"stopped early: {reason}. Everything committed is kept ({report['samples']} samples); fix the cause "
+            "and run again to finish"
         )
-    except Exception as exc:  # noqa: BLE001 - the report is also on disk
-        log.info("could not create the report artifact: %s", exc)
+        log.error(message)
+        return Failed(message=message, data=error)  # the CLI maps the error to its exit code
     message = (
-        f"{summary.total_samples} samples in {summary.total_shards} shards; "
-        f"{failed_videos} of {len(uris)} videos failed (see failures.parquet)"
+        f"{report['samples']} samples in {report['shards']} shards; {report['videos_failed']} of "
+        f"{report['videos_found']} videos failed (see failures.parquet)"
     )
     log.info(message)
     # A failed video is data, not a crashed run: the state stays Completed and its message says how many.
     return Completed(message=message, data=report)
 
 
-def _builtin_samples(directory: Path) -> Path:
+def _run_partitions(engine: Curation, run_key: str, run, bar: _Progress) -> BaseException | None:
+    """Submit partitions as discovery makes them, `partitions_in_flight` at a time; the first error stops it."""
+    submit = curate_partition.with_options(retries=run.retries)
+    inflight = []
+    error: BaseException | None = None
+    for part in engine.partitions():
+        engine.start_executor_soon()
+        engine.keep_partition(part)
+        while len(inflight) >= run.partitions_in_flight:
+            done = _wait_any(inflight)
+            bar.update()
+            for fut in done:
+                inflight.remove(fut)
+                error = error or _error_of(fut)
+        if error is not None:
+            break
+        inflight.append(submit.submit(run_key, part.number))
+    while inflight:
+        done = _wait_any(inflight)
+        bar.update()
+        for fut in done:
+            inflight.remove(fut)
+            error = error or _error_of(fut)
+    bar.update()
+    return error
+
+
+def _wait_any(futures: list) -> list:
+    """The Prefect futures that are done, waiting at most half a second for one (the progress bar ticks)."""
+    wrapped = {f.wrapped_future: f for f in futures}
+    done, _ = wait(list(wrapped), timeout=0.5, return_when=FIRST_COMPLETED)
+    return [wrapped[w] for w in done]
+
+
+def _error_of(fut) -> BaseException | None:
+    state = fut.wrapped_future.result()  # the task run's final state (it is done: _wait_any said so)
+    if state.is_completed():
+        return None
+    exc = state.result(raise_on_failure=False)
+    return exc if isinstance(exc, BaseException) else RuntimeError(str(state.message))
+
+
+class _Progress:
+    """A bar in the terminal and one progress artifact in the Prefect UI, both polled from the engine."""
+
+    def __init__(self, engine: Curation, show: bool):
+        self.engine = engine
+        self.bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=0, unit="video", desc="curate", dynamic_ncols=True)
+        self.last = 0.0
+        self.artifact = None
+        with contextlib.suppress(Exception):  # progress is best effort (e.g. no API in a bare test)
+            self.artifact = create_progress_artifact(0.0, key=f"curate-progress-{_slug(engine.output.url)}")
+
+    def update(self) -> None:
+        p = self.engine.progress
+        todo = max(p.pending, 1)
+        if self.bar is not None:
+            self.bar.total = p.pending
+            self.bar.n = p.finished
+            self.bar.set_postfix(samples=p.samples, failed=p.failed, shards=p.shards, resumed=p.done_before)
+            self.bar.refresh()
+        now = time.monotonic()
+        if self.artifact is not None and now - self.last > 5.0:
+            self.last = now
+            with contextlib.suppress(Exception):
+                update_progress_artifact(self.artifact, min(100.0, 100.0 * p.finished / todo))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _slug(text: str) -> str:
+    """Artifact keys are lowercase letters, digits and dashes: one key per output keeps its history apart."""
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _builtin_samples(output: str) -> Path:
     """Write the sample videos once; a rerun reuses them, so their content ids (and the resume) stay put."""
     from flows.sample_data import make_sample_videos
+    from tasks.discovery import is_local, local_path
 
+    base = Path(local_path(output)) if is_local(output) else Path(os.environ.get("TMPDIR", "/tmp")) / "lumosx"
+    directory = base / "sample_videos"
     done = directory / ".complete"
     if not done.exists():
         make_sample_videos(directory)
@@ -303,46 +239,59 @@ def _builtin_samples(directory: Path) -> Path:
     return directory
 
 
-def _current_failures(
-    work: WorkDir, uris: list[str], video_ids: list[str], fps: dict[str, str], config: CurateConfig
-) -> list[FailureRecord]:
-    """Failure rows of this run's inputs under the current configuration (old configurations are history)."""
-    out: list[FailureRecord] = []
-    ingest_dir = work.records / "ingest"
-    if ingest_dir.is_dir():
-        wanted = set(uris)
-        for path in sorted(ingest_dir.glob("*.json")):
-            data = json.loads(path.read_text())
-            if data["status"] == "failed" and data["fingerprint"] == ingest_fingerprint(config):
-                failure = FailureRecord.model_validate(data["failure"])
-                if failure.uri in wanted:
-                    out.append(failure)
-    for vid in video_ids:
-        for stage in fps:
-            if stage == "ingest":
-                continue
-            data = work.load(stage, vid)
-            if data and data["status"] == "failed" and data["fingerprint"] == fps[stage]:
-                out.append(FailureRecord.model_validate(data["failure"]))
-    return out
+def _storage_options(block: str | None) -> dict[str, Any] | None:
+    if not block:
+        return None
+    import json
+
+    from prefect.blocks.system import Secret
+
+    value = Secret.load(block).get()
+    return json.loads(value) if isinstance(value, str) else dict(value)
+
+
+def _publish(report: dict[str, Any], engine: Curation) -> None:
+    """The run report as a markdown artifact and the failed videos as a table artifact, keyed per output."""
+    slug = _slug(engine.output.url)
+    with contextlib.suppress(Exception):  # the report is on disk too
+        create_markdown_artifact(_report_markdown(report), key=f"curate-report-{slug}", description="curate run")
+        rows = [
+            {"file": f.uri, "stage": f.stage, "reason": f.error_class, "message": f.message[:300]}
+            for f in engine.failures[:1000]
+        ]
+        if rows:
+            create_table_artifact(rows, key=f"curate-failures-{slug}", description="failed videos (first 1000)")
 
 
 def _report_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# curate run: {report['samples']} samples, {report['videos_failed']} failed videos", ""]
-    if report["random_weight_stages"]:
-        lines += [
-            f"**RANDOM WEIGHTS** in {', '.join(report['random_weight_stages'])}: not training data.",
-            "",
-        ]
-    lines += ["| stage | ok | processed | resumed | seconds | failures |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# curate: {report['samples']} samples, {report['videos_failed']} failed of {report['videos_found']}",
+        "",
+        f"output `{report['output']}`, profile `{report['profile']}`, config `{report['config_fingerprint']}`, "
+        f"executor `{report['executor']}`",
+        "",
+    ]
+    if report["aborted"]:
+        lines += [f"**STOPPED EARLY**: {report['aborted']}", ""]
+    if report["random_weight_samples"]:
+        lines += [f"**RANDOM WEIGHTS** made {report['random_weight_samples']} samples: not training data.", ""]
+    lines += [
+        "| stage | processed | reused | failed | busy s | s/video | replicas |",
+        "|---|---:|---:|---|---:|---:|---:|",
+    ]
     for name, s in report["stages"].items():
         fails = ", ".join(f"{k}: {v}" for k, v in s["failed"].items()) or "-"
         lines.append(
-            f"| {name} | {s['ok']} | {s['processed']} | {s['skipped_resumed']} | {s['seconds']} | {fails} |"
+            f"| {name} | {s['processed']} | {s['reused']} | {fails} | {s['busy_seconds']} | "
+            f"{s['seconds_per_video'] if s['seconds_per_video'] is not None else '-'} | {s['replicas'] or '-'} |"
         )
+    if report["failures_by_reason"]:
+        lines += ["", "failures: " + ", ".join(f"{k} {v}" for k, v in report["failures_by_reason"].items())]
+    if report["skipped"]:
+        lines += ["", "skipped: " + ", ".join(f"{k} {v['count']}" for k, v in report["skipped"].items())]
     lines += [
         "",
-        f"wall {report['wall_seconds']} s, compute {report['compute_seconds']} s, "
-        f"overhead {report['orchestration_overhead']}",
+        f"wall {report['wall_seconds']} s = start-up {report['startup_seconds']} s + work {report['work_seconds']} s; "
+        f"overhead {report['overhead']} (work / the busiest stage's busy time per replica)",
     ]
     return "\n".join(lines)

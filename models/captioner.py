@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device, resolve_dtype
+from models.weights import DEFAULTS
 from models.qwen_vl import (
     QwenVL,
     batched,
@@ -102,7 +103,7 @@ class QwenVLCaptioner:
 
 
 # ------------------------------------------------------------------------------------------ nvila
-DEFAULT_NVILA = "Efficient-Large-Model/NVILA-8B-hf"
+DEFAULT_NVILA = DEFAULTS["nvila"]
 NVILA_TEST_BUILD_ID = "random-init/llava-onevision-tiny (nvila test build)"
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from scipy.special import expit
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device
+from models.weights import DEFAULTS
 from models.person_detector import box_in_image, check_images
 from schemas.records import Box
 
@@ -133,7 +134,7 @@ class InsightFaceDetector:
         self.det_model = app.det_model
         self.spec = spec
         self._tmpdir = tmpdir  # keeps the test build's ONNX file alive as long as the adapter
-        self.info = model_info(spec, default_id="buffalo_l")
+        self.info = model_info(spec, default_id=DEFAULTS["insightface"])
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> InsightFaceDetector:
@@ -147,7 +148,7 @@ class InsightFaceDetector:
             export_tiny_scrfd(Path(tmpdir.name) / "det_tiny.onnx", seed=int(opts.get("seed", 0)))
             name = tmpdir.name
         else:
-            name = spec.weights or "buffalo_l"
+            name = spec.weights or DEFAULTS["insightface"]
         try:
             app = FaceAnalysis(
                 name=name,

@@ -29,12 +29,13 @@ import torch
 from PIL import Image
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device, resolve_dtype
+from models.weights import DEFAULTS
 from models.tiny_vocab import TINY_WORDS
 from schemas.records import Box
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WEIGHTS = "IDEA-Research/grounding-dino-base"
+DEFAULT_WEIGHTS = DEFAULTS["grounding-dino"]
 
 GROUNDERS = Registry("grounder")
 

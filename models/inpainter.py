@@ -27,11 +27,12 @@ import torch
 from PIL import Image
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device, resolve_dtype
+from models.weights import DEFAULTS
 from models.tiny_vocab import TINY_WORDS
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WEIGHTS = "black-forest-labs/FLUX.1-Fill-dev"
+DEFAULT_WEIGHTS = DEFAULTS["flux-fill"]
 
 INPAINTERS = Registry("inpainter")
 

@@ -23,6 +23,7 @@ import numpy as np
 from scipy.special import expit
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device
+from models.weights import DEFAULTS
 from schemas.records import Box
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class YoloPersonDetector:
         self.imgsz = int(spec.options.get("imgsz", 640))
         self.conf = float(spec.options.get("conf", 0.1))
         self.iou = float(spec.options.get("iou", 0.7))
-        self.info = model_info(spec, default_id="yolo11x.pt")
+        self.info = model_info(spec, default_id=DEFAULTS["yolo"])
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> YoloPersonDetector:
@@ -98,7 +99,7 @@ class YoloPersonDetector:
         if spec.trust_remote_code:
             logger.info("trust_remote_code has no effect on YOLO weights")
         source = (
-            spec.options.get("config", "yolov8n.yaml") if spec.random_init else (spec.weights or "yolo11x.pt")
+            spec.options.get("config", "yolov8n.yaml") if spec.random_init else (spec.weights or DEFAULTS["yolo"])
         )
         try:
             model = YOLO(source)

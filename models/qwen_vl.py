@@ -24,11 +24,12 @@ from itertools import islice
 from typing import Any
 
 from models.base import ModelLoadError, ModelSpec, model_info, resolve_device, resolve_dtype
+from models.weights import DEFAULTS
 from schemas.records import ModelInfo
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_QWEN_VL = "Qwen/Qwen2.5-VL-7B-Instruct"
+DEFAULT_QWEN_VL = DEFAULTS["qwen2.5-vl"]
 TEST_BUILD_ID = "random-init/qwen2.5-vl-tiny"
 
 Conversation = list[dict[str, Any]]

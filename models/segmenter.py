@@ -32,12 +32,13 @@ import torch
 from PIL import Image
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device, resolve_dtype
+from models.weights import DEFAULTS
 from schemas.records import Box
 
 SEGMENTERS = Registry("segmenter")
 
 SAM_ARCHS = ("vit_h", "vit_l", "vit_b")
-DEFAULT_HF_WEIGHTS = "facebook/sam-vit-huge"
+DEFAULT_HF_WEIGHTS = DEFAULTS["sam-hf"]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.base import ModelSpec
 
@@ -39,6 +39,12 @@ class IngestConfig(Section):
     min_duration_s: float = 0.5
     max_duration_s: float = 3600.0
     max_pixels: int = Field(4096 * 2304, description="larger frames fail with reason too_large (4K passes)")
+    min_side_px: int = Field(
+        64, ge=1, description="smaller frames fail with reason too_small (no face or person survives it)"
+    )
+    max_sidecar_bytes: int = Field(
+        65536, ge=1, description="a larger sidecar caption is refused (bad_sidecar); it is never read whole"
+    )
 
 
 class CaptionConfig(Section):
@@ -49,11 +55,16 @@ class CaptionConfig(Section):
     num_frames: int = Field(8, description="frames sampled uniformly across the video for the captioner")
     max_new_tokens: int = 256
     prompt_file: str = "caption_v1.txt"
+    max_chars: int = Field(
+        2000,
+        ge=1,
+        description="a longer caption fails the video (caption_too_long) instead of being cut: the trainer's "
+        "UMT5 reads 512 tokens, and a label past the cut could never be found in the caption",
+    )
 
 
 class KeyframeConfig(Section):
     positions: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95])
-    image_format: Literal["png", "jpg"] = "png"
 
 
 class PersonConfig(Section):
@@ -93,31 +104,88 @@ class ClipConfig(Section):
         "auto", description="auto: keep H.264 mp4 sources byte for byte when small enough; always: re-encode"
     )
     crf: int = 20
+    encoder_threads: int = Field(
+        4, ge=1, description="x264 threads: fixed, because x264's output depends on it (reproducible shards)"
+    )
 
 
 class ShardConfig(Section):
-    prefix: str = "shard"
-    maxcount: int = 1000
-    maxsize: int = 2_000_000_000
+    prefix: str = Field("shard", pattern=r"^[a-z0-9_]+$")
+    maxcount: int = Field(1000, ge=1)
+    maxsize: int = Field(2_000_000_000, ge=1)
+    include_random_weights: bool = Field(
+        False,
+        description="write samples that a random-weight test build helped make (flagged in their meta.json); "
+        "off: they become failure rows (random_weights), because they are not training data",
+    )
+
+
+STAGE_NAMES = ("ingest", "keyframes", "caption", "persons", "faces", "entities", "masks", "background", "sample")
+"""Every stage a run can have, in run order (tasks/pipeline.py says which run for a configuration)."""
+
+
+class ReplicaRange(Section):
+    min: int = Field(1, ge=1, description="replicas that must be placed before the run starts")
+    max: int | None = Field(
+        None, ge=1, description="at most this many; None = as many as the cluster's free resources allow"
+    )
+
+
+class StageResources(Section):
+    """What one replica (one Ray actor, models loaded once) of a stage needs, and how many replicas to run."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs per replica; fractions share a GPU (0.5: two replicas on one GPU)"
+    )
+    memory_gb: float | None = Field(None, gt=0, description="host memory per replica, for Ray's scheduler")
+    replicas: ReplicaRange = ReplicaRange()
+    seconds_per_video: float = Field(
+        1.0,
+        gt=0,
+        description="time one replica spends per video (the run report measures it). Spare resources are "
+        "shared out so that replicas grow in proportion to it: every stage then keeps pace with the others",
+    )
+
+
+def _default_resources() -> dict[str, StageResources]:
+    return {name: StageResources() for name in STAGE_NAMES}
 
 
 class RunConfig(Section):
-    batch_size: int = Field(
-        8, ge=1, description="videos per Prefect task; tasks map over batches, not videos"
-    )
-    max_batches_in_flight: int = Field(
-        8,
+    """How a run executes. None of it changes a sample, so none of it is part of any fingerprint."""
+
+    batch_size: int = Field(8, ge=1, description="videos per batch: the unit a replica processes at once")
+    partition_size: int = Field(
+        2000,
         ge=1,
-        description="batches submitted ahead through the stage pipeline (bounds memory and server load)",
+        description="videos per partition: the unit Prefect sees (one task run each), retries and resumes",
     )
-    gpu_slot: str | None = Field(
-        "gpu",
-        description="global concurrency limit held by GPU stages (create it with `prefect gcl create gpu`)",
+    partitions_in_flight: int = Field(2, ge=1, description="partitions streaming through the stages at once")
+    batches_in_flight: int = Field(
+        8, ge=1, description="batches of one partition between its source and its shard writer (bounds memory)"
     )
     retries: int = Field(
-        2, description="retries of a batch on transient errors (I/O, CUDA OOM), with backoff"
+        2, ge=0, description="retries of a batch on transient errors (CUDA OOM, I/O), and of a partition"
     )
     retry_failed: bool = Field(False, description="rerun videos whose failure was recorded in an earlier run")
+    stages: dict[str, StageResources] = Field(
+        default_factory=_default_resources,
+        description="per stage: resources of one replica and how many replicas (Ray executor)",
+    )
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _known_stages(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(STAGE_NAMES))
+            if unknown:
+                raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGE_NAMES)}")
+            merged = {name: StageResources().model_dump() for name in STAGE_NAMES}
+            for name, res in value.items():
+                merged[name] = res
+            return merged
+        return value
 
 
 class EntitiesConfig(Section):
@@ -185,6 +253,10 @@ class CurateConfig(Section):
     masks: MasksConfig = MasksConfig()
     background: BackgroundConfig = BackgroundConfig()
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    def data_fingerprint(self) -> str:
+        """What determines the data: every section but how the run executes (`run`) and packs shards."""
+        return fingerprint(self.model_dump(mode="json", exclude={"run", "shards"}))
 
     def random_weight_stages(self) -> list[str]:
         """Stages whose model is a test build: their outputs are not data."""

@@ -116,9 +116,6 @@ class EntitiesRecord(Record):
     answer: EntitiesAnswer
     attempts: int = Field(ge=1, description="model calls until a valid answer (1 = first answer was valid)")
     prior_keyframes: list[int] = Field(description="keyframes shown to the model with numbered person boxes")
-    prior_images: list[str] = Field(
-        default_factory=list, description="the annotated images, work-dir relative"
-    )
 
 
 # ------------------------------------------------------------------------------------------------ phrases

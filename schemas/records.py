@@ -1,12 +1,13 @@
 """Per-stage records of the curation pipeline.
 
-Every stage writes one small JSON record per video; pixels live in files next to it and are referenced by a path
-relative to the run's work directory. Records never hold frames or tensors, so they are cheap to pass between
-Prefect tasks and to diff between runs.
+Every stage makes one small record per video; pixels live next to it in the video's media (tasks/base.py,
+`VideoContext.media`) and records refer to them by name. Records never hold frames or tensors, so they are
+cheap to keep in the resume ledger and to diff between runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from datetime import datetime, timezone
 from typing import Literal
@@ -108,6 +109,37 @@ class Box(Record):
         return Box(x0=self.x0 - dx, y0=self.y0 - dy, x1=self.x1 + dx, y1=self.y1 + dy).clip(width, height)
 
 
+class SourceFile(Record):
+    """A file discovery found: what the run knows about it before reading a byte of it."""
+
+    uri: str = Field(description="the path or URL as discovered (a symlink keeps its own path)")
+    size: int
+    version: str = Field(
+        description="changes when the file does: 'size:mtime_ns' for local files, the ETag or mtime remotely"
+    )
+    sidecar: str | None = Field(None, description="the caption file <stem>.txt beside it (its real path)")
+    sidecar_version: str | None = None
+    sidecar_problem: str | None = Field(
+        None, description="why the <stem>.txt beside it cannot be its caption (outside the input, not a file)"
+    )
+    video_id: str | None = Field(
+        None, description="content id from the ledger when this uri was seen before with the same version"
+    )
+    seed_part: str | None = Field(
+        None, description="ledger part holding this file's reusable stage records (resumed runs)"
+    )
+
+    @property
+    def uri_key(self) -> str:
+        """Id for a file whose bytes cannot be read (its failure row still needs a key): hash of the uri."""
+        return "u" + hashlib.blake2b(self.uri.encode(), digest_size=10).hexdigest()
+
+    @property
+    def state(self) -> str:
+        """Everything about the file and its sidecar that, changed, makes earlier results stale."""
+        return f"{self.version}|{self.sidecar_version or ''}|{self.sidecar_problem or ''}"
+
+
 class VideoRecord(Record):
     """Output of ingest: what the file is, probed with PyAV."""
 
@@ -149,7 +181,7 @@ class Keyframe(Record):
     target_time_s: float
     time_s: float = Field(description="presentation time of the decoded frame")
     frame_index: int
-    path: str = Field(description="image file, relative to the work directory")
+    path: str = Field(description="name of the decoded frame in the video's media")
     width: int
     height: int
 
@@ -201,7 +233,7 @@ class Person(Record):
         "detector", description="'face': no person detection; box extrapolated from a face found outside them"
     )
     face: FaceDetection | None = None
-    face_path: str | None = Field(None, description="bounding-box face crop, relative to the work directory")
+    face_path: str | None = Field(None, description="bounding-box face crop (PNG), by name in the video's media")
     no_face_reason: str | None = None
 
     @property

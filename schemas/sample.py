@@ -292,14 +292,32 @@ def dump_sample_meta(meta: SampleMeta) -> bytes:
 
 
 class SampleRecord(Record):
-    """The sample stage's record: where the assembled sample lives in the work directory."""
+    """The sample stage's record: what one video contributes to the shards (the member bytes travel beside it).
+
+    Its fields are the sample's manifest row, less the shard the writer puts it in (`MANIFEST_SCHEMA`).
+    """
 
     key: str
-    directory: str
     members: list[str]
-    num_bytes: int
+    schema_version: int
+    video_id: str
+    uri: str
+    caption: str
+    caption_source: str
     num_persons: int
     num_faces: int
+    duration_s: float
+    fps: float
+    width: int
+    height: int
+    num_bytes: int
+    random_weights: bool
+    config_fingerprint: str
+
+    def manifest_row(self, shard: str) -> dict[str, Any]:
+        row = self.model_dump(exclude={"members"})
+        row["shard"] = shard
+        return row
 
 
 class ShardEntry(Record):

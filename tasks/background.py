@@ -27,16 +27,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import Field
 
 from schemas.config import BackgroundConfig
 from schemas.entities import EntitiesRecord
 from schemas.records import FacesRecord, KeyframesRecord, ModelInfo, Record
 from schemas.sample import PlateAttempt
-from tasks.base import Stage, StageError, VideoContext, atomic_path
+from tasks.base import Stage, StageError, VideoContext
 from tasks.mask_ops import box_mask, foreground_union
-from tasks.masks import MasksRecord, attribute_key, load_mask, object_key, person_key
+from tasks.masks import MasksRecord, attribute_key, object_key, person_key
 from tasks.select import select_keyframes, selection_seed
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class BackgroundRecord(Record):
     reason: str | None = Field(None, description="why there is no plate (skipped, rejected)")
     label: str | None = Field(None, description="background phrase, verbatim in the caption")
     keyframe: int | None = None
-    plate: str | None = Field(None, description="clean plate PNG, work-dir relative")
+    plate: str | None = Field(None, description="clean plate PNG, by name in the video's media")
     foreground_mask: str | None = Field(None, description="the repainted region (1-bit PNG)")
     attempts: list[PlateAttempt] = Field(default_factory=list)
     flux_calls: int = Field(0, description="FLUX Fill generations spent on this video (target: 1)")
@@ -107,6 +107,7 @@ def plate_seed(video_id: str, base: int, attempt: int) -> int:
 # ---------------------------------------------------------------------------------------------- the stage
 @dataclass
 class _PlateJob:
+    ctx: VideoContext
     record: BackgroundRecord
     frame: Image.Image
     foreground: np.ndarray
@@ -114,14 +115,14 @@ class _PlateJob:
 
 class BackgroundStage(Stage[BackgroundRecord]):
     name = "background"
-    version = "1"
+    version = "2"  # 2: plates in memory
     record_type = BackgroundRecord
     requires = ("masks", "entities", "keyframes", "faces")
     uses_gpu = True
 
-    def __init__(self, config, work, inpainter: Any | None = None, plate_detector: Any | None = None):
+    def __init__(self, config, inpainter: Any | None = None, plate_detector: Any | None = None):
         """`inpainter` / `plate_detector` replace the configured models (tests inject fakes or spies)."""
-        super().__init__(config, work)
+        super().__init__(config)
         self.inpainter = inpainter
         self.plate_detector = plate_detector
 
@@ -180,15 +181,11 @@ class BackgroundStage(Stage[BackgroundRecord]):
             record.reason = "no keyframe"
             return record
         k = record.keyframe = selection[BACKGROUND_KEY]
-        try:
-            with Image.open(self.work.abs(keyframes[k].path)) as im:
-                frame = im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise StageError("unreadable_keyframe", f"cannot read keyframe {keyframes[k].path}: {e}") from e
-        return _PlateJob(record, frame, self._foreground(faces, masks, k, frame.size))
+        frame = ctx.pil(keyframes[k].path)
+        return _PlateJob(ctx, record, frame, self._foreground(ctx, faces, masks, k, frame.size))
 
     def _foreground(
-        self, faces: FacesRecord, masks: MasksRecord, k: int, size: tuple[int, int]
+        self, ctx: VideoContext, faces: FacesRecord, masks: MasksRecord, k: int, size: tuple[int, int]
     ) -> np.ndarray:
         """Everything to repaint on keyframe k: all persons (bound to a subject or not), attributes, objects."""
         w, h = size
@@ -199,14 +196,14 @@ class BackgroundStage(Stage[BackgroundRecord]):
             entity = masks.get(person_key(person.person_id))
             frame = entity.frame(k) if entity is not None else None
             if frame is not None and frame.ok:
-                parts.append(load_mask(self.work, frame.mask))  # type: ignore[arg-type]
+                parts.append(ctx.mask(frame.mask))
             else:  # a rejected person mask must still leave the plate: remove the whole box
                 parts.append(box_mask(person.boxes[k], (h, w)))
         for entity in masks.entities:
             if entity.kind != "person":
                 frame = entity.frame(k)
                 if frame is not None and frame.ok:
-                    parts.append(load_mask(self.work, frame.mask))  # type: ignore[arg-type]
+                    parts.append(ctx.mask(frame.mask))
         return foreground_union(parts, self.cfg.dilate_frac * max(w, h), shape=(h, w))
 
     def process(self, videos: list[VideoContext]) -> dict[str, BackgroundRecord | StageError]:
@@ -282,12 +279,6 @@ class BackgroundStage(Stage[BackgroundRecord]):
 
     def _accept(self, job: _PlateJob, plate: Image.Image) -> None:
         r = job.record
-        media = self.work.media(r.video_id)
-        plate_path = media / f"plate_k{r.keyframe}.png"
-        with atomic_path(plate_path) as tmp:
-            plate.convert("RGB").save(tmp, format="PNG")
-        mask_path = media / f"plate_mask_k{r.keyframe}.png"
-        with atomic_path(mask_path) as tmp:
-            Image.fromarray(job.foreground).save(tmp, format="PNG")
         r.status, r.reason = "ok", None
-        r.plate, r.foreground_mask = self.work.rel(plate_path), self.work.rel(mask_path)
+        r.plate = job.ctx.put(f"plate_k{r.keyframe}.png", plate.convert("RGB"))
+        r.foreground_mask = job.ctx.put(f"plate_mask_k{r.keyframe}.png", Image.fromarray(job.foreground))

@@ -41,16 +41,25 @@ def uniform_times(duration_s: float, num_frames: int) -> list[float]:
     return [(i + 0.5) * duration_s / num_frames for i in range(num_frames)]
 
 
+def too_long(ctx: VideoContext, caption: str, max_chars: int, source: str) -> StageError:
+    return StageError(
+        "caption_too_long",
+        f"{ctx.video.uri}: the {source} caption has {len(caption)} characters, more than caption.max_chars="
+        f"{max_chars} (cut, a label past the trainer's 512 text tokens could not be found)",
+    )
+
+
 class CaptionStage(Stage[CaptionRecord]):
     """Dense caption of each video, from its sidecar or from a video captioner (NVILA / Qwen2.5-VL)."""
 
     name = "caption"
+    version = "2"  # 2: max_chars
     record_type = CaptionRecord
     requires = ("ingest",)
     uses_gpu = True
 
-    def __init__(self, config, work):
-        super().__init__(config, work)
+    def __init__(self, config):
+        super().__init__(config)
         self.prompt = load_prompt(config.caption.prompt_file)
         self._captioner = None
 
@@ -81,6 +90,9 @@ class CaptionStage(Stage[CaptionRecord]):
         to_model: list[VideoContext] = []
         for ctx in videos:
             sidecar = normalize_caption(ctx.video.sidecar_caption or "")
+            if sidecar and len(sidecar) > cfg.max_chars and cfg.source != "model":
+                out[ctx.video_id] = too_long(ctx, sidecar, cfg.max_chars, "sidecar")
+                continue
             if sidecar and cfg.source in ("sidecar", "sidecar_or_model"):
                 out[ctx.video_id] = CaptionRecord(video_id=ctx.video_id, caption=sidecar, source="sidecar")
             elif cfg.source == "sidecar":
@@ -132,6 +144,9 @@ class CaptionStage(Stage[CaptionRecord]):
                     "empty_caption",
                     f"{ctx.video.uri}: the captioner ({captioner.info.backend}) returned no text",
                 )
+                continue
+            if len(caption) > cfg.max_chars:
+                out[ctx.video_id] = too_long(ctx, caption, cfg.max_chars, "model")
                 continue
             out[ctx.video_id] = CaptionRecord(
                 video_id=ctx.video_id,

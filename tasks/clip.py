@@ -9,7 +9,8 @@ container, a bounded frame size and upright frames with no display matrix to hon
 
 from __future__ import annotations
 
-import shutil
+import os
+import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -19,8 +20,9 @@ import fsspec
 
 from schemas.config import ClipConfig
 from schemas.records import Record, VideoRecord
-from tasks.base import StageError, atomic_path
-from tasks.ingest import Orientation, frame_orientation, is_local, local_path, open_media
+from tasks.base import StageError
+from tasks.discovery import is_local, local_path
+from tasks.ingest import Orientation, frame_orientation, open_media
 
 # Pixel formats every H.264 decoder (and every training data loader) handles; 10-bit or 4:4:4 sources are
 # re-encoded even when their codec is H.264.
@@ -28,9 +30,8 @@ _COPYABLE_PIX_FMTS = frozenset({"yuv420p", "yuvj420p"})
 
 
 class ClipInfo(Record):
-    """What `write_clip` stored."""
+    """What `make_clip` made."""
 
-    path: str
     mode: Literal["copy", "transcode"]
     codec: str
     width: int
@@ -66,6 +67,7 @@ def add_video_stream(
     encoder: str | None = None,
     gop: int | None = None,
     preset: str | None = None,
+    threads: int | None = None,
 ) -> av.VideoStream:
     """Add a yuv420p video stream to `out`: H.264 at constant quality `crf`, or mpeg4 at a matching bitrate."""
     encoder = encoder or pick_encoder()
@@ -74,6 +76,10 @@ def add_video_stream(
         options["crf"] = str(crf)
         if preset:
             options["preset"] = preset
+        if threads:
+            # x264's output depends on its thread count, which defaults to the machine's cores: pin it so
+            # the same input gives the same bytes on every machine.
+            options["threads"] = str(threads)
     stream = out.add_stream(encoder, rate=rate, options=options)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
     if encoder != "libx264":
@@ -84,43 +90,48 @@ def add_video_stream(
     return stream
 
 
-def write_clip(uri: str, video: VideoRecord, cfg: ClipConfig, out_path: Path) -> ClipInfo:
-    """Store the clip of `video` at `out_path` (written atomically; the name need not end in .mp4).
+def make_clip(uri: str, video: VideoRecord, cfg: ClipConfig) -> tuple[bytes, ClipInfo]:
+    """The mp4 bytes of the clip stored for `video`, and what they are.
 
     The stored clip is always upright: a source with a display rotation or mirror is transcoded with the turn
     applied to the pixels (and no display matrix written), never copied. Width and height are the stored size.
     """
-    out_path = Path(out_path)
     if cfg.reencode == "auto" and _copyable(uri, video, cfg):
-        with atomic_path(out_path) as tmp:
-            if is_local(uri):
-                shutil.copyfile(local_path(uri), tmp)
-            else:
-                with fsspec.open(uri, "rb") as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst, length=8 << 20)
-        return ClipInfo(
-            path=str(out_path),
-            mode="copy",
-            codec=video.codec,
-            width=video.width,
-            height=video.height,
-            fps=video.fps,
-            size_bytes=out_path.stat().st_size,
+        if is_local(uri):
+            with open(local_path(uri), "rb") as f:
+                data = f.read()
+        else:
+            with fsspec.open(uri, "rb") as f:
+                data = f.read()
+        info = ClipInfo(
+            mode="copy", codec=video.codec, width=video.width, height=video.height, fps=video.fps,
+            size_bytes=len(data),
         )
+        return data, info
     encoder = pick_encoder()
+    # FFmpeg's faststart rewrites its output file by name: encode into a private temporary file, read it back.
+    fd, tmp = tempfile.mkstemp(prefix="lumosx-clip-", suffix=".mp4")
+    os.close(fd)
     try:
-        fps, w, h = _transcode(uri, out_path, cfg.max_side, cfg.crf, encoder)
-    except av.error.FFmpegError as e:
-        raise StageError("decode_error", f"cannot transcode {uri}: {e}") from e
-    return ClipInfo(
-        path=str(out_path),
-        mode="transcode",
-        codec="h264" if encoder == "libx264" else encoder,
-        width=w,
-        height=h,
-        fps=fps,
-        size_bytes=out_path.stat().st_size,
+        try:
+            fps, w, h = _transcode(uri, Path(tmp), cfg.max_side, cfg.crf, encoder, cfg.encoder_threads)
+        except av.error.FFmpegError as e:
+            raise StageError("decode_error", f"cannot transcode {uri}: {e}") from e
+        data = Path(tmp).read_bytes()
+    finally:
+        os.unlink(tmp)
+    info = ClipInfo(
+        mode="transcode", codec="h264" if encoder == "libx264" else encoder, width=w, height=h, fps=fps,
+        size_bytes=len(data),
     )
+    return data, info
+
+
+def write_clip(uri: str, video: VideoRecord, cfg: ClipConfig, out_path: Path) -> ClipInfo:
+    """`make_clip`, written to `out_path` (export and benchmarks)."""
+    data, info = make_clip(uri, video, cfg)
+    Path(out_path).write_bytes(data)
+    return info
 
 
 def _copyable(uri: str, video: VideoRecord, cfg: ClipConfig) -> bool:
@@ -141,12 +152,15 @@ def _copyable(uri: str, video: VideoRecord, cfg: ClipConfig) -> bool:
         return False  # the transcode attempt reports what is wrong with the file
 
 
-def _transcode(uri: str, out_path: Path, max_side: int, crf: int, encoder: str) -> tuple[float, int, int]:
+def _transcode(
+    uri: str, out_path: Path, max_side: int, crf: int, encoder: str, threads: int | None = None
+) -> tuple[float, int, int]:
     """Decode every frame, turn it upright, scale it to fit `max_side`, encode video-only mp4.
 
     Returns the output frame rate, width and height.
     """
-    with open_media(uri) as src, atomic_path(out_path) as tmp:
+    with open_media(uri) as src:
+        tmp = out_path
         ins = src.streams.video[0]
         ins.thread_type = "AUTO"
         rate = ins.average_rate or ins.guessed_rate or Fraction(25)
@@ -164,7 +178,9 @@ def _transcode(uri: str, out_path: Path, max_side: int, crf: int, encoder: str) 
                     scaler = _UprightScaler(
                         frame_orientation(ins, frame), frame.width, frame.height, max_side, time_base
                     )
-                    outs = add_video_stream(dst, scaler.width, scaler.height, rate, crf=crf, encoder=encoder)
+                    outs = add_video_stream(
+                        dst, scaler.width, scaler.height, rate, crf=crf, encoder=encoder, threads=threads
+                    )
                     outs.codec_context.time_base = time_base
                 pts = frame.pts if frame.pts is not None else round(i / rate / time_base)
                 first_pts = pts if first_pts is None else first_pts

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from models.base import Registry
 from schemas.entities import EntitiesAnswer, EntitiesRecord, appears_verbatim
 from schemas.records import Box, CaptionRecord, FacesRecord, KeyframesRecord, ModelInfo, Person
-from tasks.base import Stage, StageError, VideoContext, atomic_path
+from tasks.base import Stage, StageError, VideoContext
 from tasks.prompts import load_prompt
 
 logger = logging.getLogger(__name__)
@@ -347,20 +347,19 @@ class _Job:
     caption: str
     person_ids: list[int]
     prior_keyframes: list[int]
-    prior_images: list[str]
     messages: list[dict[str, Any]]
     answers: list[str] = field(default_factory=list)
 
 
 class EntitiesStage(Stage[EntitiesRecord]):
     name = "entities"
-    version = "1"
+    version = "2"  # 2: no prior images kept
     record_type = EntitiesRecord
     requires = ("faces", "caption")
     uses_gpu = True
 
-    def __init__(self, config, work, generator: TextGenerator | None = None):
-        super().__init__(config, work)
+    def __init__(self, config, generator: TextGenerator | None = None):
+        super().__init__(config)
         self.generator = generator
         self._template: str | None = None
 
@@ -394,16 +393,10 @@ class EntitiesStage(Stage[EntitiesRecord]):
         frames = [k for k in choose_prior_keyframes(persons) if k in keyframes]
         if not frames:
             raise StageError("no_keyframe", "the persons' keyframes are missing from the keyframes record")
-        images: list[Image.Image] = []
-        rel_paths: list[str] = []
-        for k in frames:
-            with Image.open(self.work.abs(keyframes[k].path)) as frame:
-                prior = draw_person_prior(frame, [(p.person_id, p.boxes[k]) for p in persons if k in p.boxes])
-            path = self.work.media(ctx.video_id) / f"entities_prior_{k}.png"
-            with atomic_path(path) as tmp:
-                prior.save(tmp, format="PNG")
-            images.append(prior)
-            rel_paths.append(self.work.rel(path))
+        images = [
+            draw_person_prior(ctx.pil(keyframes[k].path), [(p.person_id, p.boxes[k]) for p in persons if k in p.boxes])
+            for k in frames
+        ]
         cfg = self.config.entities
         person_ids = sorted(p.person_id for p in persons)
         text = render_prompt(
@@ -411,7 +404,7 @@ class EntitiesStage(Stage[EntitiesRecord]):
         )
         content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
         return _Job(
-            ctx.video_id, caption, person_ids, frames, rel_paths, [{"role": "user", "content": content}]
+            ctx.video_id, caption, person_ids, frames, [{"role": "user", "content": content}]
         )
 
     def process(self, videos: list[VideoContext]) -> dict[str, EntitiesRecord | StageError]:
@@ -469,7 +462,6 @@ class EntitiesStage(Stage[EntitiesRecord]):
                     answer=answer,
                     attempts=attempt,
                     prior_keyframes=job.prior_keyframes,
-                    prior_images=job.prior_images,
                 )
             pending = retry
         return results

@@ -33,8 +33,8 @@ from scipy.optimize import linear_sum_assignment
 from models.face_detector import FACE_DETECTORS, FaceDet
 from schemas.config import FaceConfig
 from schemas.records import Box, FaceDetection, FaceQuality, FacesRecord, Person, PersonsRecord
-from tasks.base import Stage, StageError, VideoContext, atomic_write_bytes
-from tasks.persons import load_keyframes, load_rgb
+from tasks.base import Stage, StageError, VideoContext, encode_png
+from tasks.persons import load_keyframes
 
 logger = logging.getLogger(__name__)
 
@@ -334,17 +334,12 @@ class FacesStage(Stage[FacesRecord]):
         h, w = image.shape[:2]
         b = face.box.expand(self.cfg.crop_margin, w, h)
         crop = image[int(b.y0) : int(np.ceil(b.y1)), int(b.x0) : int(np.ceil(b.x1))]
-        ok, png = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
-        if not ok:
-            raise StageError("crop_encode", f"cannot encode the face crop of person {person_id}")
-        path = self.work.media(ctx.video_id) / f"face_{person_id}.png"
-        atomic_write_bytes(path, png.tobytes())
-        return self.work.rel(path)
+        return ctx.put(f"face_{person_id}.png", encode_png(np.ascontiguousarray(crop)))
 
     def _one(self, ctx: VideoContext) -> FacesRecord:
         keyframes = load_keyframes(ctx)
         persons = ctx.record("persons", PersonsRecord)
-        frames = [_Frame(kf.index, load_rgb(self.work.abs(kf.path))) for kf in keyframes.keyframes]
+        frames = [_Frame(kf.index, ctx.rgb(kf.path)) for kf in keyframes.keyframes]
         faces = self._detect(frames, persons)
         for fr in frames:
             self._attach(fr, persons, faces[fr.index])

@@ -1,12 +1,12 @@
-"""Ingest: find videos, give each a content-derived id, probe it with PyAV, attach sidecar captions.
+"""Ingest: give each discovered file a content-derived id, probe it with PyAV, attach its sidecar caption.
 
-Ingest is the one stage whose input is a uri rather than a `VideoContext`: it creates the `VideoRecord` every
-later stage starts from. Ids come from the bytes (not the path), so a renamed or copied file keeps its id and its
-finished work, and two copies of one file are curated once.
+Ingest is the one stage whose input is a discovered file (`SourceFile`) rather than a video: it makes the
+`VideoRecord` every later stage starts from. Ids come from the bytes (not the path), so a renamed or copied file
+keeps its id, and two copies of one file are curated once (the driver turns the second into a `duplicate`).
 
-Sources are a local directory (searched recursively), a glob, a single file, or any fsspec URL (``s3://``,
-``gs://``, ``file://``, ...). Local files stay plain paths so PyAV reads them directly; remote files are read
-through fsspec file objects.
+Files are opened as untrusted input: only regular files (a FIFO named .mp4 would block an open() forever), and
+a sidecar caption only if it is a bounded, UTF-8 text file inside the input tree (tasks/discovery.py located
+it). Local files stay plain paths so PyAV reads them directly; remote ones are read through fsspec.
 """
 
 from __future__ import annotations
@@ -14,40 +14,32 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import posixpath
+import re
+import stat
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import fsspec
 from av.sidedata.sidedata import Type as FrameSideData
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from schemas.config import CurateConfig, IngestConfig
-from schemas.records import FailureRecord, VideoRecord
-from tasks.base import Stage, StageError, VideoContext, WorkDir
-from tasks.pipeline import INGEST_VERSION, ingest_fingerprint
+from schemas.config import IngestConfig
+from schemas.records import SourceFile, VideoRecord
+from tasks.base import Stage, StageError, VideoContext, environment_fault
+from tasks.discovery import is_local, local_path
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20  # bytes hashed at the start, middle and end of a file
-_GLOB_CHARS = set("*?[")
 
 
 # ---------------------------------------------------------------------------------------------- file access
-def is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def local_path(uri: str) -> str:
-    return uri.removeprefix("file://")
-
-
 def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(uri)
 
@@ -143,62 +135,40 @@ def frame_orientation(stream: av.VideoStream, frame: av.VideoFrame) -> Orientati
     return Orientation(rotation, mirrored)
 
 
-# ---------------------------------------------------------------------------------------------- discovery
-def discover(source: str, extensions: Iterable[str]) -> list[str]:
-    """Video uris under `source` (directory, glob, single file or fsspec URL), sorted.
-
-    Directories are searched recursively and filtered by extension (case-insensitive); hidden files and
-    directories (``.*``: our own ``.tmp-*`` partial writes, macOS ``._*`` forks, ``.cache/``) are skipped. A glob
-    with no match gives an empty list; a single file is returned as is. Local results are plain absolute paths;
-    remote results keep their protocol.
-    """
-    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    fs, root = _fs(source)
-    base = ""
-    if _GLOB_CHARS & set(root):
-        found = [p for p in fs.glob(root) if fs.isfile(p)]
-    elif fs.isdir(root):
-        found, base = fs.find(root), root.rstrip("/") + "/"
-    elif fs.isfile(root):
-        return [_to_uri(fs, root)]
-    else:
-        raise FileNotFoundError(f"no such file, directory or glob match: {source}")
-
-    def hidden(path: str) -> bool:
-        rel = path[len(base) :] if base and path.startswith(base) else posixpath.basename(path)
-        return any(part.startswith(".") for part in rel.split("/"))
-
-    return sorted(_to_uri(fs, p) for p in found if p.lower().endswith(exts) and not hidden(p))
-
-
-def _to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    if isinstance(fs, LocalFileSystem):
-        return str(Path(path).resolve())
-    return fs.unstrip_protocol(path)
-
-
 # ---------------------------------------------------------------------------------------------- ids
-def content_id(uri: str) -> str:
+def _read_regular(uri: str, chunks: list[tuple[int, int]]) -> list[bytes]:
+    """Read (offset, length) chunks of `uri`, refusing anything but a regular file without blocking on it."""
+    if is_local(uri):
+        # O_NONBLOCK: a FIFO swapped in after discovery must not hang the worker; fstat then tells what it is.
+        fd = os.open(local_path(uri), os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StageError("not_a_file", f"{uri} is not a regular file")
+            return [os.pread(fd, length, offset) for offset, length in chunks]
+        finally:
+            os.close(fd)
+    fs, path = _fs(uri)
+    out = []
+    with fs.open(path, "rb") as f:
+        for offset, length in chunks:
+            f.seek(offset)
+            out.append(f.read(length))
+    return out
+
+
+def content_id(uri: str, size: int) -> str:
     """Id from the bytes: blake2b over the size and 1 MiB at the start, middle and end of the file.
 
     Reads at most 3 MiB however large the file is (cheap on object stores), survives renames and copies, and
     changes when the content does (any re-encode changes the size or the sampled bytes). Rendered as
     ``v`` + 20 hex digits: a valid file name and WebDataset key (no dots).
     """
-    fs, path = _fs(uri)
-    size = fs.size(path)
     h = hashlib.blake2b(digest_size=10)
     h.update(size.to_bytes(8, "little"))
-    with fs.open(path, "rb") as f:
-        for offset in sorted({0, max(0, size // 2 - _CHUNK // 2), max(0, size - _CHUNK)}):
-            f.seek(offset)
-            h.update(f.read(_CHUNK))
+    offsets = sorted({0, max(0, size // 2 - _CHUNK // 2), max(0, size - _CHUNK)})
+    for chunk in _read_regular(uri, [(o, _CHUNK) for o in offsets]):
+        h.update(chunk)
     return "v" + h.hexdigest()
-
-
-def uri_id(uri: str) -> str:
-    """Id for a file whose bytes cannot be read (its failure row still needs a key): hash of the uri."""
-    return "u" + hashlib.blake2b(uri.encode(), digest_size=10).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- probe
@@ -227,7 +197,7 @@ def probe(uri: str, video_id: str, cfg: IngestConfig) -> VideoRecord:
     """Read what the file is (container, codec, display size and orientation, rate, duration, frames), check it.
 
     Raises `StageError` with reason ``empty_file``, ``not_a_video``, ``corrupt``, ``no_video_stream``,
-    ``too_short``, ``too_long`` or ``too_large``. Decodes one frame, so a file whose header opens but whose
+    ``too_short``, ``too_long``, ``too_large`` or ``too_small``. Decodes one frame, so a file whose header opens but whose
     frames are missing or broken fails here rather than in every later stage; its display matrix gives the
     orientation, and width/height are the display (upright) size.
     """
@@ -239,8 +209,7 @@ def probe(uri: str, video_id: str, cfg: IngestConfig) -> VideoRecord:
         with open_media(uri) as container:
             return _probe_open(container, uri, video_id, size, cfg)
     except av.error.FFmpegError as e:
-        with fs.open(path, "rb") as f:
-            head = f.read(512)
+        head = _read_regular(uri, [(0, 512)])[0]
         if _looks_like_video(head):
             raise StageError("corrupt", f"{uri} looks like a video but FFmpeg cannot read it: {e}") from e
         raise StageError("not_a_video", f"{uri} is not a video file FFmpeg can read: {e}") from e
@@ -257,6 +226,10 @@ def _probe_open(
     width, height = cc.width, cc.height  # the coded size; turned to the display size once a frame is decoded
     if width * height > cfg.max_pixels:
         raise StageError("too_large", f"{uri}: {width}x{height} exceeds max_pixels={cfg.max_pixels}")
+    if min(width, height) < cfg.min_side_px:
+        raise StageError(
+            "too_small", f"{uri}: {width}x{height} is under min_side_px={cfg.min_side_px} on a side"
+        )
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if not rate:
         raise StageError("corrupt", f"{uri}: the video stream has no frame rate")
@@ -403,130 +376,105 @@ def load_sidecar_table(path: str) -> dict[str, str]:
     return out
 
 
-def sidecar_caption(uri: str, cfg: IngestConfig, table: dict[str, str] | None) -> str | None:
-    """The table's caption for `uri` if it has one, else the text of ``<video>.txt`` next to it."""
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def read_sidecar(source: SourceFile, cfg: IngestConfig) -> str | None:
+    """The text of the video's sidecar caption file, or None when it has none.
+
+    Raises StageError("bad_sidecar") when the file is not one a caption can come from: outside the input tree
+    or not a regular file (discovery said so), larger than `max_sidecar_bytes` (never read whole), not UTF-8, or
+    binary (control characters). A sidecar is the user's statement of what the video shows: a bad one fails the
+    video rather than being silently replaced by a model caption.
+    """
+    if source.sidecar_problem:
+        raise StageError("bad_sidecar", f"{source.uri}: {source.sidecar_problem}")
+    if source.sidecar is None:
+        return None
+    limit = cfg.max_sidecar_bytes
+    try:
+        if is_local(source.sidecar):
+            # O_NOFOLLOW: discovery resolved the sidecar inside the input; a symlink swapped in since is refused.
+            fd = os.open(local_path(source.sidecar), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise StageError("bad_sidecar", f"{source.uri}: its caption file is not a regular file")
+                data = os.read(fd, limit + 1)
+            finally:
+                os.close(fd)
+        else:
+            with fsspec.open(source.sidecar, "rb") as f:
+                data = f.read(limit + 1)
+    except OSError as e:
+        if environment_fault(e):
+            raise
+        raise StageError("bad_sidecar", f"{source.uri}: its caption file cannot be read: {e}") from e
+    if len(data) > limit:
+        raise StageError(
+            "bad_sidecar", f"{source.uri}: its caption file is larger than max_sidecar_bytes={limit}"
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise StageError("bad_sidecar", f"{source.uri}: its caption file is not UTF-8 text ({e.reason})") from e
+    if _CONTROL.search(text):
+        raise StageError("bad_sidecar", f"{source.uri}: its caption file holds binary data, not text")
+    return text.strip() or None
+
+
+def sidecar_caption(source: SourceFile, cfg: IngestConfig, table: dict[str, str] | None) -> str | None:
+    """The table's caption for the video if it has one, else the text of ``<video>.txt`` next to it."""
     if table:
-        name = posixpath.basename(uri)
-        for key in (uri, name, posixpath.splitext(name)[0]):
+        name = posixpath.basename(source.uri)
+        for key in (source.uri, name, posixpath.splitext(name)[0]):
             if key in table:
                 return table[key]
-    if cfg.sidecar_txt:
-        txt = posixpath.splitext(uri)[0] + ".txt"
-        fs, path = _fs(txt)
-        if fs.isfile(path):
-            with fs.open(path, "rb") as f:
-                text = f.read().decode("utf-8", errors="replace").strip()
-            return text or None
-    return None
+    return read_sidecar(source, cfg) if cfg.sidecar_txt else None
 
 
 # ---------------------------------------------------------------------------------------------- the stage
 class IngestStage(Stage[VideoRecord]):
-    """Ingest as a `Stage`, for what the runner needs from every stage (name, version, fingerprint).
-
-    Batches of uris go through `ingest_batch`; `process` re-probes videos that already have a record (a file
-    replaced in place keeps its uri, and probing again tells whether it is still usable).
-    """
+    """Discovered file -> content id, probe, sidecar caption -> `VideoRecord` (or the reason it is unusable)."""
 
     name = "ingest"
-    version = INGEST_VERSION
+    version = "3"  # 3: too_small, bounded sidecars
     record_type = VideoRecord
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._table: dict[str, str] | None = None
+        self._table_loaded = False
 
     def settings(self) -> IngestConfig:
         return self.config.ingest
 
-    def fingerprint(self, upstream: dict[str, str] | None = None) -> str:
-        return ingest_fingerprint(self.config)
+    def setup(self) -> None:
+        # A Panda-70M-sized table is read once per replica, not once per batch.
+        if not self._table_loaded:
+            path = self.config.ingest.sidecar_table
+            self._table = load_sidecar_table(path) if path else None
+            self._table_loaded = True
 
     def process(self, videos: list[VideoContext]) -> dict[str, VideoRecord | StageError]:
-        table = _table(self.config.ingest)
+        self.setup()
+        cfg = self.config.ingest
         out: dict[str, VideoRecord | StageError] = {}
         for ctx in videos:
+            src = ctx.source
             try:
-                rec = probe(ctx.video.uri, ctx.video_id, self.config.ingest)
+                if src.size == 0:
+                    raise StageError("empty_file", f"{src.uri} is empty (0 bytes)")
+                if src.video_id is None:
+                    # From here on the failure rows of this file carry its content id.
+                    ctx.source = src = src.model_copy(update={"video_id": content_id(src.uri, src.size)})
+                rec = probe(src.uri, ctx.video_id, cfg)
                 out[ctx.video_id] = rec.model_copy(
-                    update={"sidecar_caption": sidecar_caption(rec.uri, self.config.ingest, table)}
+                    update={"sidecar_caption": sidecar_caption(src, cfg, self._table)}
                 )
             except StageError as e:
                 out[ctx.video_id] = e
+            except OSError as e:
+                if environment_fault(e):
+                    raise
+                out[ctx.video_id] = StageError("unreadable", f"cannot read {src.uri}: {e.strerror or e}")
         return out
-
-
-def _table(cfg: IngestConfig) -> dict[str, str] | None:
-    return load_sidecar_table(cfg.sidecar_table) if cfg.sidecar_table else None
-
-
-def _exists(uri: str) -> bool:
-    fs, path = _fs(uri)
-    return fs.isfile(path)
-
-
-def ingest_batch(
-    uris: list[str], cfg: CurateConfig, work: WorkDir
-) -> tuple[list[VideoRecord], list[FailureRecord]]:
-    """Id, dedup, probe and caption a batch of uris; every result is saved to `work` as it is made.
-
-    Returns the usable videos and the failures. Identical content at two uris is curated once: the first uri
-    in the batch (or the one already recorded, if that file still exists) keeps the id, the others come back as
-    failures with error_class ``duplicate`` (returned for the run report, not saved: the id's record belongs to
-    the kept uri). A record with the current fingerprint is reused without probing; a renamed file only gets its
-    uri and sidecar caption refreshed.
-    """
-    icfg = cfg.ingest
-    fp = ingest_fingerprint(cfg)
-    table = _table(icfg)
-    records: list[VideoRecord] = []
-    failures: list[FailureRecord] = []
-    seen: dict[str, str] = {}
-
-    def fail(video_id: str, uri: str, error_class: str, message: str, save: bool = True) -> None:
-        failure = FailureRecord(
-            video_id=video_id, uri=uri, stage="ingest", error_class=error_class, message=message
-        )
-        if save:
-            work.save_failure("ingest", video_id, fp, failure)
-        failures.append(failure)
-        logger.info("ingest failed (%s): %s", error_class, message)
-
-    for uri in uris:
-        try:
-            vid = content_id(uri)
-        except OSError as e:
-            fail(uri_id(uri), uri, "unreadable", f"cannot read {uri}: {e}")
-            continue
-        if vid in seen:
-            fail(vid, uri, "duplicate", f"{uri} has the same content as {seen[vid]}", save=False)
-            continue
-        seen[vid] = uri
-
-        prev = work.load("ingest", vid)
-        if prev is not None and prev["fingerprint"] == fp:
-            prev_uri = prev["record"]["uri"] if prev["status"] == "ok" else prev["failure"]["uri"]
-            if prev_uri != uri and _exists(prev_uri):
-                fail(vid, uri, "duplicate", f"{uri} has the same content as {prev_uri}", save=False)
-                continue
-            if prev["status"] == "ok":
-                old = VideoRecord.model_validate(prev["record"])
-                rec = old.model_copy(
-                    update={"uri": uri, "sidecar_caption": sidecar_caption(uri, icfg, table)}
-                )
-                if rec != old:
-                    work.save_ok("ingest", vid, fp, rec)
-                records.append(rec)
-                continue
-            if not cfg.run.retry_failed:
-                failures.append(FailureRecord.model_validate({**prev["failure"], "uri": uri}))
-                continue
-
-        try:
-            rec = probe(uri, vid, icfg)
-            rec = rec.model_copy(update={"sidecar_caption": sidecar_caption(uri, icfg, table)})
-        except StageError as e:
-            fail(vid, uri, e.reason, str(e))
-            continue
-        except OSError as e:
-            fail(vid, uri, "unreadable", f"cannot read {uri}: {e}")
-            continue
-        work.save_ok("ingest", vid, fp, rec)
-        records.append(rec)
-    return records, failures

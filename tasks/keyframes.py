@@ -5,21 +5,20 @@ whose presentation time reaches it: the frame shown at that time, within one fra
 length, frame-rate variability or stream start offset. Cost per target is at most one GOP of decoding, never
 the whole file (see benchmarks/bench_keyframes.py). Times are seconds from the stream's first frame, the same
 origin as `VideoRecord.duration_s`. Images are upright: a frame the container says to rotate or mirror (phone
-video) is turned as a player would show it.
+video) is turned as a player would show it. Keyframes stay in memory as arrays: nothing is written to disk.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import av
+import numpy as np
 from PIL import Image
 
 from schemas.records import Keyframe, KeyframesRecord, VideoRecord
-from tasks.base import Stage, StageError, VideoContext, atomic_write_bytes
+from tasks.base import Stage, StageError, VideoContext
 from tasks.clip import fit_within
 from tasks.ingest import frame_orientation, open_media
 
@@ -121,61 +120,48 @@ def sample_frames(uri: str, times_s: list[float], max_side: int | None = None) -
     return [image for _t, image in _images_at(uri, times_s, max_side)]
 
 
-def _encode_image(image: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    if fmt == "png":
-        image.save(buf, format="PNG", compress_level=1)  # lossless; 3-4x faster than level 6, ~10 % larger
-    elif fmt == "jpg":
-        image.save(buf, format="JPEG", quality=95)
-    else:
-        raise ValueError(f"unknown image format {fmt!r} (png or jpg)")
-    return buf.getvalue()
-
-
 def extract_keyframes(
-    uri: str,
-    video: VideoRecord,
-    positions: Sequence[float],
-    out_dir: Path,
-    fmt: str = "png",
-    *,
-    relative_to: Path | None = None,
-) -> list[Keyframe]:
-    """Write the frames at `positions` (fractions of the duration) as ``out_dir/kf_<i>.<fmt>``.
+    uri: str, video: VideoRecord, positions: Sequence[float]
+) -> list[tuple[Keyframe, np.ndarray]]:
+    """The frames at `positions` (fractions of the duration): each `Keyframe` with its upright RGB array.
 
-    Images are upright (the display size of `video`). Keyframe paths are relative to `relative_to` when given
-    (the work directory), else as written.
-    `frame_index` is the frame's time times the nominal fps (exact for constant-frame-rate video).
+    The arrays stay in memory (they travel to the next stages with the video, never through a file): encoding a
+    720p frame as PNG costs more than finding and decoding it. `frame_index` is the frame's time times the
+    nominal fps (exact for constant-frame-rate video).
     """
     if not all(0.0 <= p <= 1.0 for p in positions):
         raise ValueError(f"keyframe positions must lie in [0, 1], got {list(positions)}")
     targets = [p * video.duration_s for p in positions]
     frames = _images_at(uri, targets, None)
-    keyframes = []
+    out = []
     for i, ((t, image), position, target) in enumerate(zip(frames, positions, targets)):
-        path = Path(out_dir) / f"kf_{i}.{fmt}"
-        atomic_write_bytes(path, _encode_image(image, fmt))
-        keyframes.append(
-            Keyframe(
-                index=i,
-                position=position,
-                target_time_s=target,
-                time_s=t,
-                frame_index=round(t * video.fps),
-                path=path.relative_to(relative_to).as_posix() if relative_to is not None else str(path),
-                width=image.width,
-                height=image.height,
-            )
+        keyframe = Keyframe(
+            index=i,
+            position=position,
+            target_time_s=target,
+            time_s=t,
+            frame_index=round(t * video.fps),
+            path=keyframe_name(i),
+            width=image.width,
+            height=image.height,
         )
-    return keyframes
+        out.append((keyframe, np.asarray(image)))
+    return out
+
+
+def keyframe_name(index: int) -> str:
+    """The media name of keyframe `index` in a `VideoContext`."""
+    return f"kf_{index}"
 
 
 class KeyframesStage(Stage[KeyframesRecord]):
-    """The frames at 5 %, 50 % and 95 % of each video (configurable), as images under media/<video_id>/."""
+    """The frames at 5 %, 50 % and 95 % of each video (configurable), kept in the video's media as arrays."""
 
     name = "keyframes"
+    version = "2"  # 2: frames in memory, not PNG files
     record_type = KeyframesRecord
     requires = ("ingest",)
+    reusable = False  # decoding three frames again is cheaper than storing them
 
     def settings(self):
         return self.config.keyframes
@@ -185,14 +171,10 @@ class KeyframesStage(Stage[KeyframesRecord]):
         out: dict[str, KeyframesRecord | StageError] = {}
         for ctx in videos:
             try:
-                keyframes = extract_keyframes(
-                    ctx.video.uri,
-                    ctx.video,
-                    cfg.positions,
-                    self.work.media(ctx.video_id),
-                    cfg.image_format,
-                    relative_to=self.work.root,
-                )
+                keyframes = []
+                for kf, frame in extract_keyframes(ctx.video.uri, ctx.video, cfg.positions):
+                    ctx.put(kf.path, frame)
+                    keyframes.append(kf)
                 out[ctx.video_id] = KeyframesRecord(video_id=ctx.video_id, keyframes=keyframes)
             except StageError as e:
                 out[ctx.video_id] = e

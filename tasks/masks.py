@@ -11,7 +11,8 @@ For each video of the batch and each of its keyframes:
 - `tasks.mask_ops.check_mask` rejects empty, too small, too large, fragmented or mostly-outside-the-box masks.
 
 Every entity gets one `MaskFrame` per keyframe, valid or not, with the reason when not, so a sample's missing
-attribute can always be explained. Masks are 1-bit PNGs of the full frame under `media/<video_id>/masks/`.
+attribute can always be explained. Masks are 1-bit PNGs of the full frame in the video's media
+(`masks/k<keyframe>_<entity>.png`).
 
 Both models are called once per batch over all keyframes of all videos (the adapters chunk by their own
 `batch_size`), never per video.
@@ -27,13 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import Field
 
 from schemas.config import MasksConfig
 from schemas.entities import EntitiesRecord
 from schemas.records import Box, FacesRecord, KeyframesRecord, ModelInfo, Person, Record
-from tasks.base import Stage, StageError, VideoContext, WorkDir, atomic_path
+from tasks.base import Stage, StageError, VideoContext
 from tasks.mask_ops import MaskCheck, check_mask
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class MaskFrame(Record):
     box: Box | None = Field(None, description="the prompt box: grounding box, or the person box for a person")
     score: float | None = Field(None, description="grounding score (persons: the person detector's score)")
     mask_score: float | None = Field(None, description="SAM's predicted IoU")
-    mask: str | None = Field(None, description="1-bit full-frame PNG, work-dir relative (valid masks only)")
+    mask: str | None = Field(None, description="1-bit full-frame PNG, by name in the video's media (valid only)")
     check: MaskCheck | None = None
     reason: str | None = Field(None, description="None = valid; else why this keyframe gives no mask")
 
@@ -106,11 +107,6 @@ class MasksRecord(Record):
         return next((e for e in self.entities if e.key == key), None)
 
 
-def load_mask(work: WorkDir, rel: str) -> np.ndarray:
-    with Image.open(work.abs(rel)) as im:
-        return np.asarray(im.convert("L")) > 0
-
-
 # ---------------------------------------------------------------------------------------------- the stage
 @dataclass
 class _Frame:
@@ -139,14 +135,14 @@ class _Video:
 
 class MasksStage(Stage[MasksRecord]):
     name = "masks"
-    version = "1"
+    version = "2"  # 2: masks in memory
     record_type = MasksRecord
     requires = ("entities", "keyframes", "faces")
     uses_gpu = True
 
-    def __init__(self, config, work, grounder: Any | None = None, segmenter: Any | None = None):
+    def __init__(self, config, grounder: Any | None = None, segmenter: Any | None = None):
         """`grounder` / `segmenter` replace the configured models (tests inject fakes with the same API)."""
-        super().__init__(config, work)
+        super().__init__(config)
         self.grounder = grounder
         self.segmenter = segmenter
 
@@ -179,11 +175,7 @@ class MasksStage(Stage[MasksRecord]):
         by_id = {p.person_id: p for p in faces.persons}
         video = _Video(ctx)
         for kf in keyframes:
-            try:
-                with Image.open(self.work.abs(kf.path)) as im:
-                    image = im.convert("RGB")
-            except (OSError, UnidentifiedImageError) as e:
-                raise StageError("unreadable_keyframe", f"cannot read keyframe {kf.path}: {e}") from e
+            image = ctx.pil(kf.path)
             video.frames.append(
                 _Frame(ctx.video_id, kf.index, image, [p for p in faces.persons if kf.index in p.boxes])
             )
@@ -305,6 +297,7 @@ class MasksStage(Stage[MasksRecord]):
             else []
         )
         cfg = self.cfg
+        video_of = {video.ctx.video_id: video for video in videos}
         for fr, job, preds in zip(frames, jobs, predictions, strict=True):
             if len(preds) != len(job):
                 raise RuntimeError(f"segmenter returned {len(preds)} masks for {len(job)} boxes")
@@ -320,16 +313,14 @@ class MasksStage(Stage[MasksRecord]):
                     min_largest_component_frac=cfg.min_largest_component_frac,
                 )
                 if result.check.ok:
-                    result.mask = self._save(fr, prompt.entity.key, pred.mask)
+                    result.mask = video_of[fr.video_id].ctx.put(
+                        f"masks/k{fr.keyframe}_{prompt.entity.key}.png",
+                        # mode "1": 1 bit per pixel
+                        Image.fromarray(np.asarray(pred.mask, dtype=bool)),
+                    )
                 else:
                     result.reason = result.check.reason
                 prompt.entity.frames.append(result)
         for video in videos:
             for e in video.entities:
                 e.frames.sort(key=lambda f: f.keyframe)
-
-    def _save(self, fr: _Frame, key: str, mask: np.ndarray) -> str:
-        path = self.work.media(fr.video_id) / "masks" / f"k{fr.keyframe}_{key}.png"
-        with atomic_path(path) as tmp:
-            Image.fromarray(np.asarray(mask, dtype=bool)).save(tmp, format="PNG")  # mode "1": 1 bit per pixel
-        return self.work.rel(path)

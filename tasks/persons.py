@@ -9,29 +9,11 @@ job (it also needs the faces to do it well).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
-import cv2
-import numpy as np
 
 from models.person_detector import PERSON_DETECTORS
 from schemas.config import PersonConfig
 from schemas.records import Keyframe, KeyframesRecord, PersonDetection, PersonsRecord
 from tasks.base import Stage, StageError, VideoContext
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    """A keyframe image as an RGB uint8 array; a missing or broken file is this video's failure, not a crash.
-
-    OpenCV rather than PIL: ultralytics monkey-patches `PIL.Image.open` on import, and its patch raises
-    ModuleNotFoundError (pi_heif) instead of UnidentifiedImageError for a broken file.
-    """
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise StageError(
-            "unreadable_keyframe", f"cannot read keyframe image {path} (missing or not an image)"
-        )
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def load_keyframes(ctx: VideoContext) -> KeyframesRecord:
@@ -43,9 +25,8 @@ def load_keyframes(ctx: VideoContext) -> KeyframesRecord:
 
 @dataclass
 class _Job:
-    video_id: str
+    ctx: VideoContext
     keyframe: Keyframe
-    path: Path
 
 
 class PersonsStage(Stage[PersonsRecord]):
@@ -76,24 +57,23 @@ class PersonsStage(Stage[PersonsRecord]):
             except StageError as e:
                 results[ctx.video_id] = e
                 continue
-            jobs += [_Job(ctx.video_id, kf, self.work.abs(kf.path)) for kf in kfs.keyframes]
+            jobs += [_Job(ctx, kf) for kf in kfs.keyframes]
 
         found: dict[str, list[PersonDetection]] = {ctx.video_id: [] for ctx in videos}
         batch = self.cfg.model.batch_size
         for start in range(0, len(jobs), batch):
-            # Decode one chunk at a time: a batch of 4K keyframes never sits in memory all at once.
             chunk, images = [], []
             for job in jobs[start : start + batch]:
-                if job.video_id in results:
+                if job.ctx.video_id in results:
                     continue  # an earlier keyframe of this video was unreadable
                 try:
-                    images.append(load_rgb(job.path))
+                    images.append(job.ctx.rgb(job.keyframe.path))
                     chunk.append(job)
                 except StageError as e:
-                    results[job.video_id] = e
+                    results[job.ctx.video_id] = e
             for job, image, dets in zip(chunk, images, self.detector(images) if images else []):
                 min_height = self.cfg.min_height_frac * image.shape[0]
-                found[job.video_id] += [
+                found[job.ctx.video_id] += [
                     PersonDetection(keyframe=job.keyframe.index, box=d.box, score=round(d.score, 4))
                     for d in dets
                     if d.score >= self.cfg.min_score and d.box.height >= min_height

@@ -19,19 +19,15 @@ v2 members (i = person id, j = attribute index in the entities answer, k = objec
 Masks are 1-bit PNGs of the same size as their cut-out (its alpha, in effect); the meta gives each cut-out's
 box in the source frame.
 
-The sample is written as a directory `work/samples/<key>/` whose file names are the WebDataset member names;
-it is built under a temporary name and renamed when complete, so the shard writer only ever sees whole samples.
+The sample is built in memory (`VideoContext.output`: WebDataset member name -> bytes) and handed to the shard
+writer whole; nothing is written beside the shards. Samples made with random-weight test builds are refused here
+(reason `random_weights`) unless `shards.include_random_weights` is set: they are not training data.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,10 +52,10 @@ from schemas.sample import (
     dump_sample_meta,
 )
 from tasks.background import BackgroundRecord, face_key
-from tasks.base import Stage, StageError, VideoContext
-from tasks.clip import ClipInfo, write_clip
+from tasks.base import Stage, StageError, VideoContext, encode_png
+from tasks.clip import ClipInfo, make_clip
 from tasks.mask_ops import EmptyMaskError, cutout_on_white, foreground_union, mask_bbox, whole_person_cutout
-from tasks.masks import MaskFrame, MasksRecord, attribute_key, load_mask, object_key, person_key
+from tasks.masks import MaskFrame, MasksRecord, attribute_key, object_key, person_key
 
 V1_REQUIRES = ("caption", "keyframes", "faces")
 SUBJECT_REQUIRES = ("entities", "masks", "background")
@@ -79,9 +75,10 @@ def random_weight_stages(models: dict[str, ModelInfo]) -> list[str]:
 
 class SampleStage(Stage[SampleRecord]):
     name = "sample"
-    version = "1"
+    version = "2"  # 2: built in memory; random-weight samples refused unless asked for
     record_type = SampleRecord
     requires = V1_REQUIRES
+    reusable = False  # a finished sample is in the shards: the whole video is skipped, not this stage
     """v1 upstreams; with `config.subjects` the fingerprint also covers SUBJECT_REQUIRES (see `upstreams`)."""
 
     @property
@@ -89,30 +86,41 @@ class SampleStage(Stage[SampleRecord]):
         return V1_REQUIRES + SUBJECT_REQUIRES if self.config.subjects else V1_REQUIRES
 
     def settings(self):
-        if self.config.subjects:
-            return {"clip": self.config.clip.model_dump(mode="json"), "schema_version": 2}
-        return self.config.clip  # unchanged for v1: existing v1 samples are not redone
+        return {
+            "clip": self.config.clip.model_dump(mode="json"),
+            "schema_version": 2 if self.config.subjects else 1,
+            # Decides whether a random-weight sample is written or refused.
+            "include_random_weights": self.config.shards.include_random_weights,
+        }
 
     def fingerprint(self, upstream: dict[str, str]) -> str:
         return fingerprint(self.name, self.version, self.settings(), [upstream[r] for r in self.upstreams])
 
     def process(self, videos: list[VideoContext]) -> dict[str, SampleRecord | StageError]:
-        return {ctx.video_id: self._one(ctx) for ctx in videos}
+        out: dict[str, SampleRecord | StageError] = {}
+        for ctx in videos:
+            try:
+                out[ctx.video_id] = self._one(ctx)
+            except StageError as e:
+                out[ctx.video_id] = e
+        return out
 
-    @contextmanager
-    def _building(self, key: str) -> Iterator[Path]:
-        """A temporary sample directory, renamed to `samples/<key>` only when the block completes."""
-        final = self.work.samples / key
-        self.work.samples.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.work.samples))
-        try:
-            yield tmp
-            if final.exists():  # an older version of this sample (different fingerprint)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+    def models(self, ctx: VideoContext) -> dict[str, ModelInfo]:
+        """Every model that made part of this video's sample, by stage (and role)."""
+        caption = ctx.record("caption", CaptionRecord)
+        models = {"persons": ctx.record("persons", PersonsRecord).model, "faces": ctx.record("faces", FacesRecord).model}
+        if caption.model is not None:
+            models["caption"] = caption.model
+        if self.config.subjects:
+            masks, bg = ctx.record("masks", MasksRecord), ctx.record("background", BackgroundRecord)
+            models["entities"] = ctx.record("entities", EntitiesRecord).model
+            models["masks.grounder"] = masks.grounder
+            models["masks.segmenter"] = masks.segmenter
+            if bg.inpainter is not None:
+                models["background.inpainter"] = bg.inpainter
+            if bg.plate_checker is not None:
+                models["background.plate_check"] = bg.plate_checker
+        return models
 
     def _one(self, ctx: VideoContext) -> SampleRecord:
         caption = ctx.record("caption", CaptionRecord)
@@ -120,47 +128,59 @@ class SampleStage(Stage[SampleRecord]):
         faces = ctx.record("faces", FacesRecord)
         if not faces.persons_with_face:
             raise StageError("no_face", "no person with a usable face")
-        key = ctx.video_id
-        with self._building(key) as tmp:
-            clip = write_clip(ctx.video.uri, ctx.video, self.config.clip, tmp / "mp4")
-            (tmp / "caption.txt").write_text(caption.caption, encoding="utf-8")
-            if self.config.subjects:
-                meta = _SubjectSample(self, ctx, tmp, caption, keyframes, faces, clip).build()
-            else:
-                meta = self._meta_v1(ctx, tmp, caption, keyframes, faces, clip)
-            (tmp / "meta.json").write_bytes(dump_sample_meta(meta))
-            members = sorted(p.name for p in tmp.iterdir())
-            num_bytes = sum((tmp / m).stat().st_size for m in members)
+        models = self.models(ctx)
+        random_stages = random_weight_stages(models)
+        if random_stages and not self.config.shards.include_random_weights:
+            # Decided before the clip is encoded: nothing is spent on a sample that will not be written.
+            raise StageError(
+                "random_weights",
+                f"made with random-weight test builds in {random_stages}: not training data "
+                "(set shards.include_random_weights=true to write such samples anyway, flagged in meta.json)",
+            )
+        members: dict[str, bytes] = {}
+        clip_bytes, clip = make_clip(ctx.video.uri, ctx.video, self.config.clip)
+        members["mp4"] = clip_bytes
+        members["caption.txt"] = caption.caption.encode("utf-8")
+        if self.config.subjects:
+            meta = _SubjectSample(self, ctx, members, caption, keyframes, faces, clip, models).build()
+        else:
+            meta = self._meta_v1(ctx, members, caption, keyframes, faces, clip, models)
+        members["meta.json"] = dump_sample_meta(meta)
+        ctx.output = dict(sorted(members.items()))
+        v = ctx.video
         return SampleRecord(
-            key=key,
-            directory=self.work.rel(self.work.samples / key),
-            members=members,
-            num_bytes=num_bytes,
-            num_persons=len(faces.persons),
+            key=ctx.video_id,
+            members=list(ctx.output),
+            schema_version=meta.schema_version,
+            video_id=v.video_id,
+            uri=v.uri,
+            caption=meta.caption,
+            caption_source=meta.caption_source or "unknown",
+            num_persons=len(meta.persons) + len(meta.persons_without_face) + len(meta.persons_unbound),
             num_faces=len(meta.persons),
+            duration_s=v.duration_s,
+            fps=v.fps,
+            width=v.width,
+            height=v.height,
+            num_bytes=sum(len(b) for b in ctx.output.values()),
+            random_weights=meta.random_weights,
+            config_fingerprint=meta.config_fingerprint or "",
         )
-
-    def base_models(
-        self, ctx: VideoContext, caption: CaptionRecord, faces: FacesRecord
-    ) -> dict[str, ModelInfo]:
-        models = {"persons": ctx.record("persons", PersonsRecord).model, "faces": faces.model}
-        if caption.model is not None:
-            models["caption"] = caption.model
-        return models
 
     def _meta_v1(
         self,
         ctx: VideoContext,
-        tmp: Path,
+        members: dict[str, bytes],
         caption: CaptionRecord,
         keyframes: KeyframesRecord,
         faces: FacesRecord,
         clip: ClipInfo,
+        models: dict[str, ModelInfo],
     ) -> SampleMeta:
         sample_persons = []
         for p in faces.persons_with_face:
             member = f"face_{p.person_id}.png"
-            shutil.copyfile(self.work.abs(p.face_path), tmp / member)
+            members[member] = ctx.data(p.face_path)
             sample_persons.append(
                 SamplePerson(
                     person_id=p.person_id,
@@ -172,7 +192,6 @@ class SampleStage(Stage[SampleRecord]):
                     boxes=p.boxes,
                 )
             )
-        models = self.base_models(ctx, caption, faces)
         random_stages = random_weight_stages(models)
         return SampleMeta(
             schema_version=1,
@@ -186,7 +205,7 @@ class SampleStage(Stage[SampleRecord]):
             models=models,
             random_weights=bool(random_stages),
             random_weight_stages=random_stages,
-            config_fingerprint=fingerprint(self.config),
+            config_fingerprint=self.config.data_fingerprint(),
             stage_fingerprints={s: ctx.fingerprints[s] for s in sorted(ctx.fingerprints)},
             producer=producer(),
         )
@@ -233,19 +252,20 @@ def tight_mask(mask: np.ndarray) -> tuple[np.ndarray, Box]:
 
 
 class _SubjectSample:
-    """Writes the v2 members of one video into the sample directory and returns its meta."""
+    """Adds the v2 members of one video to `members` and returns its meta."""
 
     def __init__(
         self,
         stage: SampleStage,
         ctx: VideoContext,
-        tmp: Path,
+        members: dict[str, bytes],
         caption: CaptionRecord,
         keyframes: KeyframesRecord,
         faces: FacesRecord,
         clip: ClipInfo,
+        models: dict[str, ModelInfo],
     ):
-        self.stage, self.work, self.ctx, self.tmp = stage, stage.work, ctx, tmp
+        self.stage, self.ctx, self.members, self.models = stage, ctx, members, models
         self.caption, self.keyframes, self.faces, self.clip = caption, keyframes, faces, clip
         self.entities = ctx.record("entities", EntitiesRecord)
         self.masks = ctx.record("masks", MasksRecord)
@@ -257,8 +277,7 @@ class _SubjectSample:
     def frame(self, k: int) -> np.ndarray:
         if k not in self._frames:
             kf = next(kf for kf in self.keyframes.keyframes if kf.index == k)
-            with Image.open(self.work.abs(kf.path)) as im:
-                self._frames[k] = np.asarray(im.convert("RGB"))
+            self._frames[k] = self.ctx.rgb(kf.path)
         return self._frames[k]
 
     def _drop(self, key: str, label: str | None, reason: str) -> None:
@@ -291,9 +310,9 @@ class _SubjectSample:
             mask = foreground_union([mask, *parts], dilate_px=0)  # the region whole_person_cutout cut out
         else:
             cut = cutout_on_white(frame, mask)
-        cut.save(self.tmp / image_member, format="PNG")
+        self.members[image_member] = encode_png(cut)
         cropped, box = tight_mask(mask)
-        Image.fromarray(cropped).save(self.tmp / mask_member, format="PNG")
+        self.members[mask_member] = encode_png(Image.fromarray(cropped))
         return box
 
     def build(self) -> SampleMeta:
@@ -306,7 +325,7 @@ class _SubjectSample:
                 self._drop(face_key(pid), subject.noun, "the person has no usable face")
                 continue
             face = f"face_{pid}.png"
-            shutil.copyfile(self.work.abs(person.face_path), self.tmp / face)  # type: ignore[arg-type]
+            self.members[face] = self.ctx.data(person.face_path)
             attributes: list[SampleAttribute] = []
             for j, attr in enumerate(subject.attributes):
                 key = attribute_key(pid, j)
@@ -315,7 +334,7 @@ class _SubjectSample:
                     continue
                 k, mf = chosen
                 image, mask_member = f"attr_{pid}_{j}.png", f"attrmask_{pid}_{j}.png"
-                cut_box = self._write_cutout(k, load_mask(self.work, mf.mask), image, mask_member)
+                cut_box = self._write_cutout(k, self.ctx.mask(mf.mask), image, mask_member)
                 attributes.append(
                     SampleAttribute(
                         label=attr.phrase,
@@ -363,8 +382,8 @@ class _SubjectSample:
             entity = self.masks.get(attribute_key(pid, j))
             af = entity.frame(k) if entity is not None else None
             if af is not None and af.ok:
-                parts.append(load_mask(self.work, af.mask))  # type: ignore[arg-type]
-        mask = load_mask(self.work, mf.mask)  # type: ignore[arg-type]
+                parts.append(self.ctx.mask(af.mask))
+        mask = self.ctx.mask(mf.mask)
         image, mask_member = f"person_{pid}.png", f"personmask_{pid}.png"
         box = self._write_cutout(k, mask, image, mask_member, parts=parts)
         return {"whole": image, "whole_mask": mask_member, "whole_keyframe": k, "whole_box": box}
@@ -377,7 +396,7 @@ class _SubjectSample:
                 continue
             k, mf = chosen
             image, mask_member = f"object_{j}.png", f"objmask_{j}.png"
-            mask = load_mask(self.work, mf.mask)  # type: ignore[arg-type]
+            mask = self.ctx.mask(mf.mask)
             cut_box = self._write_cutout(k, mask, image, mask_member)
             out.append(
                 SampleObject(
@@ -397,7 +416,7 @@ class _SubjectSample:
         bg = self.background
         if bg.status != "ok" or bg.plate is None or bg.label is None:
             return None
-        shutil.copyfile(self.work.abs(bg.plate), self.tmp / "background.png")
+        self.members["background.png"] = self.ctx.data(bg.plate)
         return SampleBackground(
             label=bg.label, image="background.png", keyframe=bg.keyframe, seed=bg.attempts[-1].seed
         )
@@ -405,15 +424,7 @@ class _SubjectSample:
     def _meta(
         self, groups: list[SamplePerson], objects: list[SampleObject], background: SampleBackground | None
     ) -> SampleMeta:
-        ctx, bg = self.ctx, self.background
-        models = self.stage.base_models(ctx, self.caption, self.faces)
-        models["entities"] = self.entities.model
-        models["masks.grounder"] = self.masks.grounder
-        models["masks.segmenter"] = self.masks.segmenter
-        if bg.inpainter is not None:
-            models["background.inpainter"] = bg.inpainter
-        if bg.plate_checker is not None:
-            models["background.plate_check"] = bg.plate_checker
+        ctx, bg, models = self.ctx, self.background, self.models
         random_stages = random_weight_stages(models)
         bound = {g.person_id for g in groups}
         return SampleMeta(
@@ -442,7 +453,7 @@ class _SubjectSample:
             models=models,
             random_weights=bool(random_stages),
             random_weight_stages=random_stages,
-            config_fingerprint=fingerprint(self.stage.config),
+            config_fingerprint=self.stage.config.data_fingerprint(),
             stage_fingerprints={s: ctx.fingerprints[s] for s in sorted(ctx.fingerprints)},
             producer=producer(),
         )

@@ -2,20 +2,18 @@
 
 The persons and faces stages only read keyframe images and records, so their tests skip video encoding: three
 frames of a slow camera pan over a real photo (the sample videos' moves, flows/sample_data.py) go straight into a
-work directory with their `KeyframesRecord`. Nothing here is committed media: the photos ship inside insightface
-and scikit-image.
+`VideoContext`'s media with their `KeyframesRecord`, as the keyframes stage puts them. Nothing here is committed
+media: the photos ship inside insightface and scikit-image.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-from PIL import Image
 
 from flows.sample_data import astronaut_photo, camera_move, group_photo
-from schemas.records import Keyframe, KeyframesRecord, VideoRecord
-from tasks.base import VideoContext, WorkDir
+from schemas.records import Keyframe, KeyframesRecord, SourceFile, VideoRecord
+from tasks.base import VideoContext
+from tasks.keyframes import keyframe_name
 
 POSITIONS = (0.05, 0.5, 0.95)
 
@@ -31,14 +29,31 @@ def astronaut_frames() -> list[np.ndarray]:
     return [np.asarray(f) for i, f in enumerate(frames) if i in (1, 10, 19)]
 
 
-def video_with_keyframes(work: WorkDir, video_id: str, frames: list[np.ndarray]) -> VideoContext:
-    """Write `frames` as the video's keyframes (PNG + ok record) and return its context."""
+def video_context(video_id: str, width: int = 640, height: int = 360) -> VideoContext:
+    """A context for a 3 s, 16 fps video, as ingest would leave it."""
+    video = VideoRecord(
+        video_id=video_id,
+        uri=f"/videos/{video_id}.mp4",
+        size_bytes=1,
+        container="mov,mp4,m4a,3gp,3g2,mj2",
+        codec="h264",
+        width=width,
+        height=height,
+        fps=16.0,
+        duration_s=3.0,
+        num_frames=48,
+    )
+    source = SourceFile(uri=video.uri, size=1, version="1:0", video_id=video_id)
+    return VideoContext(source=source, video=video, records={"ingest": video})
+
+
+def video_with_keyframes(video_id: str, frames: list[np.ndarray]) -> VideoContext:
+    """A context whose keyframes are `frames` (arrays in its media + the keyframes record)."""
     h, w = frames[0].shape[:2]
+    ctx = video_context(video_id, w, h)
     keyframes = []
     for i, (frame, pos) in enumerate(zip(frames, POSITIONS)):
-        path: Path = work.media(video_id) / f"kf_{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(frame).save(path)
+        name = ctx.put(keyframe_name(i), np.ascontiguousarray(frame))
         keyframes.append(
             Keyframe(
                 index=i,
@@ -46,22 +61,10 @@ def video_with_keyframes(work: WorkDir, video_id: str, frames: list[np.ndarray])
                 target_time_s=3.0 * pos,
                 time_s=3.0 * pos,
                 frame_index=round(48 * pos),
-                path=work.rel(path),
+                path=name,
                 width=frame.shape[1],
                 height=frame.shape[0],
             )
         )
-    work.save_ok("keyframes", video_id, "test", KeyframesRecord(video_id=video_id, keyframes=keyframes))
-    video = VideoRecord(
-        video_id=video_id,
-        uri=f"/videos/{video_id}.mp4",
-        size_bytes=1,
-        container="mov,mp4,m4a,3gp,3g2,mj2",
-        codec="h264",
-        width=w,
-        height=h,
-        fps=16.0,
-        duration_s=3.0,
-        num_frames=48,
-    )
-    return VideoContext(video=video, work=work, fingerprints={})
+    ctx.records["keyframes"] = KeyframesRecord(video_id=video_id, keyframes=keyframes)
+    return ctx

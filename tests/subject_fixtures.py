@@ -39,11 +39,12 @@ from schemas.records import (
     PersonDetection,
     PersonsRecord,
 )
-from tasks.base import WorkDir
-from tasks.ingest import ingest_batch
+from tasks.base import VideoContext
+from tasks.discovery import discover
+from tasks.ingest import IngestStage
 from tasks.keyframes import KeyframesStage
 from tasks.mask_ops import face_crop
-from tasks.runner import run_stage_batch
+from tasks.runner import run_stage
 
 SCRIPTED = ModelInfo(backend="scripted", model_id="test", random_weights=False)
 
@@ -79,53 +80,55 @@ ANSWERS = {
 }
 
 
+def ingest_contexts(paths: list[Path], config: CurateConfig) -> list[VideoContext]:
+    """Contexts of real files after the real ingest stage (discovery's view of each file, then ingest)."""
+    sources = [f for p in paths for f in discover(str(p), config.ingest.extensions)]
+    items = [VideoContext(source=s) for s in sources]
+    run_stage(IngestStage(config), items)
+    return items
+
+
 @dataclass
 class World:
-    work: WorkDir
+    contexts: dict[str, VideoContext]
+    """sample video name -> its context (records and media so far)"""
     ids: dict[str, str]
     """sample video name -> video id"""
     fingerprints: dict[str, str] = field(default_factory=dict)
 
+    def items(self, *names: str) -> list[VideoContext]:
+        return [self.contexts[n] for n in (names or self.contexts)]
 
-def build_world(root: Path, sample_videos: list[Path], names: tuple[str, ...], config: CurateConfig) -> World:
+
+def build_world(sample_videos: list[Path], names: tuple[str, ...], config: CurateConfig) -> World:
     """Ingest + keyframes (real stages), then scripted caption, persons and faces records."""
-    work = WorkDir(root / "work")
-    uris = [str(p) for p in sample_videos if p.stem in names]
-    records, failures = ingest_batch(uris, config, work)
-    assert not failures, failures
-    ids = {Path(r.uri).stem: r.video_id for r in records}
-    fps = {"ingest": "ingest", "caption": "caption", "persons": "persons", "faces": "faces"}
-    kf_stage = KeyframesStage(config, work)
-    fps["keyframes"] = kf_stage.fingerprint(fps)
-    out = run_stage_batch(kf_stage, list(ids.values()), fps)
-    assert len(out.ok) == len(ids), out
-    for name, vid in ids.items():
-        work.save_ok(
-            "caption", vid, "caption", CaptionRecord(video_id=vid, caption=CAPTIONS[name], source="sidecar")
-        )
-        keyframes = KeyframesRecord.model_validate(work.load("keyframes", vid)["record"]).keyframes
+    items = ingest_contexts([p for p in sample_videos if p.stem in names], config)
+    assert all(c.failure is None for c in items), [c.failure for c in items]
+    run_stage(KeyframesStage(config), items)
+    assert all(c.failure is None for c in items), [c.failure for c in items]
+    contexts = {Path(c.uri).stem: c for c in items}
+    for name, ctx in contexts.items():
+        vid = ctx.video_id
+        ctx.records["caption"] = CaptionRecord(video_id=vid, caption=CAPTIONS[name], source="sidecar")
+        keyframes = ctx.record("keyframes", KeyframesRecord).keyframes
         detections, persons = [], []
         for pid, (person_box, face_box) in PEOPLE[name].items():
             pbox, fbox = Box.from_tuple(person_box), Box.from_tuple(face_box)
             detections += [PersonDetection(keyframe=k.index, box=pbox, score=0.9) for k in keyframes]
             face = FaceDetection(keyframe=1, box=fbox, score=0.99)
-            with Image.open(work.abs(keyframes[1].path)) as im:
-                crop_path = work.media(vid) / f"face_{pid}.png"
-                face_crop(im, fbox).save(crop_path)
+            crop = ctx.put(f"face_{pid}.png", face_crop(ctx.pil(keyframes[1].path), fbox))
             persons.append(
                 Person(
                     person_id=pid,
                     boxes={k.index: pbox for k in keyframes},
                     scores={k.index: 0.9 for k in keyframes},
                     face=face,
-                    face_path=work.rel(crop_path),
+                    face_path=crop,
                 )
             )
-        work.save_ok(
-            "persons", vid, "persons", PersonsRecord(video_id=vid, model=SCRIPTED, detections=detections)
-        )
-        work.save_ok("faces", vid, "faces", FacesRecord(video_id=vid, model=SCRIPTED, persons=persons))
-    return World(work, ids, fps)
+        ctx.records["persons"] = PersonsRecord(video_id=vid, model=SCRIPTED, detections=detections)
+        ctx.records["faces"] = FacesRecord(video_id=vid, model=SCRIPTED, persons=persons)
+    return World(contexts, {n: c.video_id for n, c in contexts.items()})
 
 
 # ---------------------------------------------------------------------------------------------- fake models
