@@ -193,6 +193,8 @@ class Curation:
                 continue
             self.seen.add(found.uri)
             done, src = self.index.done(found, self.pipeline, self.config.run.retry_failed)
+            if not done and self.claims is not None:
+                done = self.claims.still_duplicate(found.uri, self.index, found.state)
             if done:
                 with self._lock:
                     self.progress.done_before += 1

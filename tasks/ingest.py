@@ -467,6 +467,12 @@ class IngestStage(Stage[VideoRecord]):
                 if src.video_id is None:
                     # From here on the failure rows of this file carry its content id.
                     ctx.source = src = src.model_copy(update={"video_id": content_id(src.uri, src.size)})
+                if ctx.video_id in out:
+                    # A copy of a file earlier in this batch: results are keyed by content id, so both contexts
+                    # get one result. Keep the first file's (its own uri and caption); the driver claims uris in
+                    # batch order and rules the copy a duplicate. Overwriting would give the kept file the
+                    # copy's uri and sidecar caption.
+                    continue
                 rec = probe(src.uri, ctx.video_id, cfg)
                 out[ctx.video_id] = rec.model_copy(
                     update={"sidecar_caption": sidecar_caption(src, cfg, self._table)}

@@ -286,6 +286,18 @@ class Claims:
             if row.outcome in ("sample", "failed", "alias"):
                 self._owner[row.video_id] = uri
 
+    def owner(self, video_id: str) -> str | None:
+        with self._lock:
+            return self._owner.get(video_id)
+
+    def still_duplicate(self, uri: str, index: LedgerIndex, state: str) -> bool:
+        """The ledger says `uri` (unchanged) duplicates another file that still exists: nothing to redo."""
+        row = index.latest.get(uri)
+        if row is None or row.outcome != "duplicate" or row.state != state:
+            return False
+        owner = self.owner(row.video_id)
+        return owner is not None and owner != uri and self._exists(owner)
+
     def verdicts(
         self, ingested: list[tuple[str, str]], index: LedgerIndex, pipeline: Pipeline
     ) -> dict[str, tuple[str, str]]:

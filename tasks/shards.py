@@ -68,7 +68,7 @@ class _SampleTar:
     """A WebDataset tar: each sample's members as `<key>.<member>`, in order, with fixed headers."""
 
     def __init__(self, fileobj):
-        self.tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
+        self.tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         for name, data in members.items():
@@ -79,6 +79,10 @@ class _SampleTar:
 
     def close(self) -> None:
         self.tar.close()
+
+    def discard(self) -> None:
+        """Forget the archive without writing its end blocks (its file is being deleted)."""
+        self.tar.closed = True
 
 
 def shard_name(cfg: ShardConfig, partition: int, seq: int) -> str:
@@ -99,6 +103,9 @@ class _Hashing(io.RawIOBase):
         self.sha.update(b)
         self.size += len(b)
         return len(b)
+
+    def tell(self) -> int:
+        return self.size
 
 
 @dataclass
@@ -170,6 +177,7 @@ class PartitionWriter:
     def abort(self) -> None:
         """Drop the open shard (a failed partition): its videos are redone by the retry."""
         if self.shard is not None:
+            self.shard.tar.discard()
             self.shard.file.close()
             _unlink(self.shard.path)  # a local scratch file in both cases
             self.shard = None
