@@ -41,6 +41,9 @@ class StubIngest(Stage[VideoRecord]):
     def settings(self):
         return {"crash_on": knobs(self.config).get("crash_on")}
 
+    def result_key(self, ctx: VideoContext) -> str:
+        return ctx.source.uri_key
+
     def process(self, videos: list[VideoContext]) -> dict[str, VideoRecord | StageError]:
         crash_on = knobs(self.config).get("crash_on")
         out: dict[str, VideoRecord | StageError] = {}
@@ -49,12 +52,13 @@ class StubIngest(Stage[VideoRecord]):
                 os.kill(os.getpid(), signal.SIGSEGV)
             with open(ctx.uri, "rb") as f:
                 head = f.read(4096)
+            key = ctx.source.uri_key
             if head.startswith(b"bad"):
-                out[ctx.video_id] = StageError("not_a_video", f"{ctx.uri} says it is bad")
+                out[key] = StageError("not_a_video", f"{ctx.uri} says it is bad")
                 continue
             vid = "v" + hashlib.blake2b(head, digest_size=10).hexdigest()
             ctx.source = ctx.source.model_copy(update={"video_id": vid})
-            out[vid] = VideoRecord(
+            out[key] = VideoRecord(
                 video_id=vid, uri=ctx.uri, size_bytes=len(head), container="stub", codec="stub",
                 width=64, height=64, fps=16.0, duration_s=1.0, num_frames=16,
             )

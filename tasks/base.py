@@ -268,6 +268,10 @@ class Stage(ABC, Generic[R]):
     def setup(self) -> None:
         """Load models. Called once per worker before the first batch (adapters are cached per process)."""
 
+    def result_key(self, ctx: VideoContext) -> str:
+        """The key of `ctx`'s result in what `process` returns (taken before `process` runs)."""
+        return ctx.video_id
+
     @abstractmethod
     def process(self, videos: list[VideoContext]) -> dict[str, R | StageError]:
-        """Return, for every video id in the batch, its record or the StageError that stopped it."""
+        """Return, for every video of the batch (by `result_key`), its record or the StageError that stopped it."""

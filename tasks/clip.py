@@ -20,7 +20,7 @@ import fsspec
 
 from schemas.config import ClipConfig
 from schemas.records import Record, VideoRecord
-from tasks.base import StageError
+from tasks.base import StageError, atomic_write_bytes
 from tasks.discovery import is_local, local_path
 from tasks.ingest import Orientation, frame_orientation, open_media
 
@@ -128,9 +128,9 @@ def make_clip(uri: str, video: VideoRecord, cfg: ClipConfig) -> tuple[bytes, Cli
 
 
 def write_clip(uri: str, video: VideoRecord, cfg: ClipConfig, out_path: Path) -> ClipInfo:
-    """`make_clip`, written to `out_path` (export and benchmarks)."""
+    """`make_clip`, written to `out_path` (export and benchmarks): atomically, its folder made if missing."""
     data, info = make_clip(uri, video, cfg)
-    Path(out_path).write_bytes(data)
+    atomic_write_bytes(Path(out_path), data)
     return info
 
 

@@ -365,6 +365,7 @@ class Curation:
         startup = float(self.startup.get("seconds", 0.0))
         work = time.perf_counter() - self._t_work if self._t_work is not None else 0.0
         replicas = self.executor.replicas() if self.executor is not None else {}
+        started = getattr(self.executor, "loads", lambda: {})() if self.executor is not None else {}
         stages = {}
         for name, s in self.stage_stats.items():
             n = replicas.get(name, 1) or 1
@@ -376,6 +377,7 @@ class Curation:
                 "busy_seconds": round(s.seconds, 3),
                 "seconds_per_video": round(s.seconds / s.processed, 4) if s.processed else None,
                 "replicas": replicas.get(name),
+                "replicas_started": started.get(name, replicas.get(name)),
                 "utilisation": round(s.seconds / (work * n), 3) if work > 0 and replicas else None,
             }
         # The ideal time of this run's work: stages one after another in one process (local), or the busiest

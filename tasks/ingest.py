@@ -455,32 +455,29 @@ class IngestStage(Stage[VideoRecord]):
             self._table = load_sidecar_table(path) if path else None
             self._table_loaded = True
 
+    def result_key(self, ctx: VideoContext) -> str:
+        # Per file, not per content id: two copies of one file in a batch each get their own record (their own
+        # uri and caption); the driver then rules the later one a duplicate.
+        return ctx.source.uri_key
+
     def process(self, videos: list[VideoContext]) -> dict[str, VideoRecord | StageError]:
         self.setup()
         cfg = self.config.ingest
         out: dict[str, VideoRecord | StageError] = {}
         for ctx in videos:
-            src = ctx.source
+            src, key = ctx.source, ctx.source.uri_key
             try:
                 if src.size == 0:
                     raise StageError("empty_file", f"{src.uri} is empty (0 bytes)")
                 if src.video_id is None:
                     # From here on the failure rows of this file carry its content id.
                     ctx.source = src = src.model_copy(update={"video_id": content_id(src.uri, src.size)})
-                if ctx.video_id in out:
-                    # A copy of a file earlier in this batch: results are keyed by content id, so both contexts
-                    # get one result. Keep the first file's (its own uri and caption); the driver claims uris in
-                    # batch order and rules the copy a duplicate. Overwriting would give the kept file the
-                    # copy's uri and sidecar caption.
-                    continue
                 rec = probe(src.uri, ctx.video_id, cfg)
-                out[ctx.video_id] = rec.model_copy(
-                    update={"sidecar_caption": sidecar_caption(src, cfg, self._table)}
-                )
+                out[key] = rec.model_copy(update={"sidecar_caption": sidecar_caption(src, cfg, self._table)})
             except StageError as e:
-                out[ctx.video_id] = e
+                out[key] = e
             except OSError as e:
                 if environment_fault(e):
                     raise
-                out[ctx.video_id] = StageError("unreadable", f"cannot read {src.uri}: {e.strerror or e}")
+                out[key] = StageError("unreadable", f"cannot read {src.uri}: {e.strerror or e}")
         return out

@@ -240,8 +240,16 @@ class _Replica:
     handle: Any
     ready_ref: Any
     ready: bool = False
-    inflight: int = 0
+    calls: list = field(default_factory=list)
+    """Summary refs of the calls given to this replica, oldest first: an actor runs them in that order, so when
+    it dies, the oldest was running and the others were only waiting."""
     info: dict = field(default_factory=dict)
+    dead: bool = False
+    running_at_death: Any = None
+
+    @property
+    def inflight(self) -> int:
+        return len(self.calls)
 
 
 class _Pool:
@@ -388,22 +396,29 @@ class RayExecutor:
         }
 
     def _wait_ready(self, pools: dict[str, _Pool]) -> None:
-        """Wait until every stage has its minimum replicas up; a replica whose setup raised is fatal."""
+        """Wait until every planned replica is up (the work then starts at full speed).
+
+        A replica whose setup raised is fatal (a model that does not load). Replicas that do not come up within
+        `STARTUP_TIMEOUT_S` are fatal only if their stage has fewer than its minimum; otherwise the run starts
+        with what is up, and the rest join when they are ready.
+        """
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             self._poll_ready(block=0.2)
-            missing = {
-                name: pool.res.replicas.min - sum(r.ready for r in pool.replicas)
-                for name, pool in pools.items()
-                if sum(r.ready for r in pool.replicas) < pool.res.replicas.min
-            }
-            if not missing:
+            if all(r.ready for pool in pools.values() for r in pool.replicas):
                 return
             if time.monotonic() > deadline:
-                raise StartupError(
-                    f"replicas of {sorted(missing)} did not start within {STARTUP_TIMEOUT_S:.0f} s "
-                    "(resources the cluster does not have?)"
+                missing = sorted(
+                    name for name, pool in pools.items()
+                    if sum(r.ready for r in pool.replicas) < pool.res.replicas.min
                 )
+                if missing:
+                    raise StartupError(
+                        f"replicas of {missing} did not start within {STARTUP_TIMEOUT_S:.0f} s "
+                        "(resources the cluster does not have?)"
+                    )
+                logger.warning("starting with the replicas that are up; the others join when ready")
+                return
 
     def _poll_ready(self, block: float = 0.0) -> None:
         import ray
@@ -472,8 +487,10 @@ class RayExecutor:
 
         options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0}
         if self.writer_on_driver:
+            # Hard affinity: a soft one was seen to land on another node while this one had room, and a writer
+            # on a node that dies fails its whole partition (which Prefect then retries).
             node = ray.get_runtime_context().get_node_id()
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
         actor = ray.remote(WriterActor).options(**options).remote(self.output, self.pipeline, partition, start_seq)
         return _RayWriter(actor)
 
@@ -516,23 +533,26 @@ class RayExecutor:
                 continue
             payload = job.source_ref if job.stage == 0 else job.input_ref
             out_ref, summary_ref = rep.handle.run.options(num_returns=2).remote(payload, job.verdicts, job.poison)
-            rep.inflight += 1
+            rep.calls.append(summary_ref)
             self._inflight[summary_ref] = (job, pool, rep, out_ref)
 
     def _complete(self, summary_ref) -> None:
         import ray
 
         job, pool, rep, out_ref = self._inflight.pop(summary_ref)
-        rep.inflight -= 1
         try:
             summary = ray.get(summary_ref)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError):
-            logger.warning("a %s replica died (node lost or process killed); replacing it", pool.name)
-            if rep in pool.replicas:
+            if not rep.dead:  # the first news of this replica's death: which call was it running?
+                rep.dead, rep.running_at_death = True, rep.calls[0] if rep.calls else None
+                logger.warning("a %s replica died (node lost or process killed); replacing it", pool.name)
                 pool.remove(rep)
                 pool.spawn()
-            job.crashes[pool.name] += 1
-            self._recover(job, pool.name)
+            # Only the batch the replica was running can have killed it; the ones queued behind it just restart.
+            running = summary_ref == rep.running_at_death
+            if running:
+                job.crashes[pool.name] += 1
+            self._recover(job, pool.name if running else None)
             return
         except (
             ray.exceptions.ObjectLostError,
@@ -545,6 +565,9 @@ class RayExecutor:
         except ray.exceptions.RayError as e:
             self._finish_error(job, _unwrap(e))
             return
+        finally:
+            if summary_ref in rep.calls:
+                rep.calls.remove(summary_ref)
         stats: StageStats = summary["stats"]
         job.stats.setdefault(pool.name, StageStats(stage=pool.name)).merge(stats)
         job.served.append({"batch": job.batch.number, "partition": job.batch.partition, **summary["served"]})

@@ -73,6 +73,7 @@ def run_stage(
         return stats
 
     before = {id(ctx): set(ctx.media) for ctx in todo}
+    keys = {id(ctx): stage.result_key(ctx) for ctx in todo}
     t0 = time.perf_counter()
     results = _with_retries(stage, todo, retries, backoff_s)
     stats.seconds = time.perf_counter() - t0
@@ -82,7 +83,7 @@ def run_stage(
     stats.processed = len(todo)
 
     for ctx in todo:
-        res = results.get(ctx.video_id)
+        res = results.get(keys[id(ctx)])
         if res is None:
             res = StageError("no_result", f"stage {stage.name} returned nothing for this video")
         if isinstance(res, Exception):
@@ -122,7 +123,7 @@ def _process_isolated(stage: Stage, batch: list[VideoContext], *, transient_rais
             raise
         if len(batch) == 1:
             logger.debug("stage %s crashed on %s:\n%s", stage.name, batch[0].uri, traceback.format_exc())
-            return {batch[0].video_id: exc}
+            return {stage.result_key(batch[0]): exc}
         logger.info("stage %s batch failed (%s); retrying its %d videos one by one", stage.name, exc, len(batch))
         results: dict[str, object] = {}
         for ctx in batch:

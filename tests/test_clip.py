@@ -5,6 +5,13 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
 import av
 import fsspec
 import numpy as np
@@ -14,8 +21,11 @@ from PIL import Image
 
 from flows.sample_data import orientation_chart, write_rotated_video, write_video
 from schemas.config import ClipConfig, IngestConfig
-from tasks.clip import fit_within, write_clip
+from tasks.clip import fit_within, make_clip, write_clip
 from tasks.ingest import Orientation, probe
+
+# Short, small test videos: below ingest's default limits on frames, duration and side length (64 px).
+LENIENT = IngestConfig(min_frames=1, min_duration_s=0, min_side_px=16)
 
 
 def frames(n: int, w: int, h: int):
@@ -33,7 +43,7 @@ def decode(path: Path) -> tuple[str, list[tuple[int, int]], int, bool]:
 
 def source(path: Path, n: int = 20, w: int = 96, h: int = 64, **kw):
     write_video(path, frames(n, w, h), 16, **kw)
-    return probe(str(path), "vid", IngestConfig(min_frames=1, min_duration_s=0))
+    return probe(str(path), "vid", LENIENT)
 
 
 def test_fit_within():
@@ -53,6 +63,58 @@ def test_h264_mp4_is_copied_byte_for_byte(tmp_path):
     assert (info.width, info.height, info.size_bytes) == (96, 64, (tmp_path / "src.mp4").stat().st_size)
 
 
+def test_make_clip_returns_what_write_clip_writes(tmp_path):
+    video = source(tmp_path / "src.mp4")
+    data, info = make_clip(video.uri, video, ClipConfig())
+    assert info.mode == "copy" and info.size_bytes == len(data)
+    assert data == (tmp_path / "src.mp4").read_bytes()
+    data, info = make_clip(video.uri, video, ClipConfig(max_side=48))
+    assert (info.mode, info.width, info.height, info.size_bytes) == ("transcode", 48, 32, len(data))
+    assert write_clip(video.uri, video, ClipConfig(max_side=48), tmp_path / "clip.mp4") == info
+    assert (tmp_path / "clip.mp4").read_bytes() == data
+
+
+REPRODUCE = """
+import hashlib, json, os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one CPU: x264 would pick fewer threads by itself
+from schemas.config import ClipConfig, IngestConfig
+from tasks.clip import make_clip
+from tasks.ingest import probe
+video = probe(sys.argv[1], "vid", IngestConfig())
+data, _ = make_clip(video.uri, video, ClipConfig(reencode="always"))
+print(json.dumps([hashlib.sha256(data).hexdigest(), len(os.sched_getaffinity(0))]))
+"""
+
+
+def test_transcoded_clip_is_reproducible(tmp_path):
+    """The same source gives the same clip bytes, on any machine: shards are reproducible.
+
+    x264's output depends on its thread count, which by default follows the CPUs it may use; the clip pins it
+    (`clip.encoder_threads`), so a process limited to one CPU makes the same bytes as this one.
+    """
+    base = np.random.default_rng(0).integers(0, 255, (360, 640, 3), dtype=np.uint8)
+    write_video(tmp_path / "src.mp4", (np.roll(base, 4 * i, axis=1) for i in range(32)), 16)
+    video = probe(str(tmp_path / "src.mp4"), "vid", IngestConfig())
+    cfg = ClipConfig(reencode="always")
+    first, info = make_clip(video.uri, video, cfg)
+    second, info2 = make_clip(video.uri, video, cfg)
+    assert info.mode == "transcode" and info == info2
+    assert first == second
+
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to show the bytes do not follow the CPU count")
+    proc = subprocess.run(
+        [sys.executable, "-c", REPRODUCE, video.uri],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    digest, cpus = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert cpus == 1 and digest == hashlib.sha256(first).hexdigest()
+
+
 @pytest.mark.parametrize(
     "name, cfg, want",
     [
@@ -61,9 +123,12 @@ def test_h264_mp4_is_copied_byte_for_byte(tmp_path):
         ("src.mp4", ClipConfig(max_side=48), (48, 32)),  # too large
     ],
 )
-def test_transcode_decodes_at_the_right_size(tmp_path, name, cfg, want):
+def test_transcode_decodes_at_the_right_size(tmp_path, monkeypatch, name, cfg, want):
     fmt = "matroska" if name.endswith(".mkv") else "mp4"
     video = source(tmp_path / name, container_format=fmt)
+    scratch = tmp_path / "scratch"  # where make_clip's encoder writes its temporary mp4
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out = tmp_path / "clip"
     info = write_clip(video.uri, video, cfg, out)
     assert info.mode == "transcode" and info.reencoded and (info.width, info.height) == want
@@ -72,7 +137,7 @@ def test_transcode_decodes_at_the_right_size(tmp_path, name, cfg, want):
     assert info.fps == 16 and info.size_bytes == out.stat().st_size
     data = out.read_bytes()
     assert data.index(b"moov") < data.index(b"mdat")  # faststart: readable while streaming from a tar
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert not list(tmp_path.glob(".tmp-*")) and not list(scratch.iterdir())  # no temporary file left
 
 
 def test_4k_is_downscaled(tmp_path):
@@ -83,7 +148,7 @@ def test_4k_is_downscaled(tmp_path):
     write_video(
         tmp_path / "uhd.mp4", (np.roll(smooth, 16 * i, axis=1) for i in range(4)), 16, preset="ultrafast"
     )
-    video = probe(str(tmp_path / "uhd.mp4"), "vid", IngestConfig(min_frames=1, min_duration_s=0))
+    video = probe(str(tmp_path / "uhd.mp4"), "vid", LENIENT)
     assert (video.width, video.height) == (3840, 2160)
     info = write_clip(video.uri, video, ClipConfig(), tmp_path / "clip.mp4")
     assert (info.mode, info.width, info.height) == ("transcode", 1280, 720)
@@ -107,7 +172,7 @@ def test_audio_dropped_and_mpeg4_fallback(tmp_path, monkeypatch):
         for s in (v, a):
             for p in s.encode():
                 out.mux(p)
-    video = probe(str(path), "vid", IngestConfig())
+    video = probe(str(path), "vid", IngestConfig(min_side_px=16))  # 64x48
     assert video.has_audio
     monkeypatch.setattr("tasks.clip.pick_encoder", lambda: "mpeg4")  # FFmpeg builds without libx264
     info = write_clip(video.uri, video, ClipConfig(reencode="always"), tmp_path / "clip.mp4")
@@ -174,7 +239,7 @@ def test_rotated_source_is_transcoded_upright(tmp_path, rotation, mirrored):
         mirrored=mirrored,
         crf=0,
     )
-    video = probe(str(path), "vid", IngestConfig(min_frames=1, min_duration_s=0))
+    video = probe(str(path), "vid", LENIENT)
     assert (video.width, video.height, video.rotation, video.mirrored) == (48, 64, rotation, mirrored)
     for cfg, size in [(ClipConfig(), (48, 64)), (ClipConfig(max_side=32), (24, 32))]:
         out = tmp_path / f"clip{cfg.max_side}.mp4"
@@ -190,7 +255,7 @@ def test_rotated_source_is_transcoded_upright(tmp_path, rotation, mirrored):
 def test_stale_record_of_rotated_source_is_not_copied(tmp_path):
     """A record probed before ingest read orientations says rotation 0 and the coded size: the file decides."""
     path = write_rotated_video(tmp_path / "phone.mp4", (orientation_chart(48, 64) for _ in range(8)), crf=0)
-    video = probe(str(path), "vid", IngestConfig(min_frames=1, min_duration_s=0))
+    video = probe(str(path), "vid", LENIENT)
     stale = video.model_copy(update={"rotation": 0, "width": 64, "height": 48})
     info = write_clip(stale.uri, stale, ClipConfig(), tmp_path / "clip.mp4")
     assert (info.mode, info.width, info.height) == ("transcode", 48, 64)

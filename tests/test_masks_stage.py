@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,35 +12,37 @@ from subject_fixtures import FakeGrounder, FakeSegmenter, ScriptedEntities, buil
 
 from models.base import ModelSpec
 from schemas.config import CurateConfig, MasksConfig
-from schemas.records import FacesRecord, VideoRecord
+from schemas.records import FacesRecord
 from tasks.base import VideoContext
 from tasks.entities import EntitiesStage
-from tasks.masks import NOT_GROUNDED, NOT_ON_KEYFRAME, MasksRecord, MasksStage, load_mask
-from tasks.runner import run_stage_batch
+from tasks.masks import NOT_GROUNDED, NOT_ON_KEYFRAME, MasksRecord, MasksStage
+from tasks.runner import run_stage
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, sample_videos):
-    """Both scripted videos up to their entities record."""
+def world(sample_videos):
+    """Both scripted videos up to their entities record (tests work on copies of the contexts)."""
     config = CurateConfig(subjects=True)
-    w = build_world(tmp_path_factory.mktemp("masks"), sample_videos, ("two_people", "astronaut_zoom"), config)
-    stage = EntitiesStage(config, w.work, generator=ScriptedEntities())
-    w.fingerprints["entities"] = stage.fingerprint(w.fingerprints)
-    out = run_stage_batch(stage, list(w.ids.values()), w.fingerprints)
-    assert sorted(out.ok) == sorted(w.ids.values()), out
+    w = build_world(sample_videos, ("two_people", "astronaut_zoom"), config)
+    items = w.items()
+    stats = run_stage(EntitiesStage(config, generator=ScriptedEntities()), items)
+    assert all(c.failure is None for c in items), [c.failure for c in items]
+    assert stats.ok == len(w.ids) and stats.processed == len(w.ids), stats
+    assert all("entities" in c.records for c in items)
     return w
 
 
-def _run(world, stage: MasksStage) -> dict[str, MasksRecord]:
-    fps = dict(world.fingerprints)
-    fps["masks"] = stage.fingerprint(fps)
-    out = stage.process([_ctx(world, vid, fps) for vid in sorted(world.ids.values())])
-    return out  # type: ignore[return-value]
+def _contexts(world) -> dict[str, VideoContext]:
+    """Fresh copies of the world's contexts, by video id, in the batch order (sorted ids)."""
+    by_id = sorted(world.ids.items(), key=lambda kv: kv[1])
+    return {vid: copy.deepcopy(world.contexts[n]) for n, vid in by_id}
 
 
-def _ctx(world, vid, fps) -> VideoContext:
-    video = VideoRecord.model_validate(world.work.load("ingest", vid)["record"])
-    return VideoContext(video=video, work=world.work, fingerprints=fps)
+def _run(world, stage: MasksStage, contexts: dict[str, VideoContext] | None = None):
+    """`stage.process` over copies of both videos (sorted ids); returns (records by id, contexts by id)."""
+    contexts = contexts if contexts is not None else _contexts(world)
+    out = stage.process(list(contexts.values()))
+    return out, contexts
 
 
 def test_masks_stage_grounds_in_person_boxes_and_records_reasons(world):
@@ -48,15 +53,16 @@ def test_masks_stage_grounds_in_person_boxes_and_records_reasons(world):
     segmenter = FakeSegmenter({(base + 0, 5): "empty", (base + 2, 2): "fragmented"})
     # Keyframes are searched in order, so the 2nd search of a phrase is on keyframe 1.
     grounder = FakeGrounder(missing=lambda phrase, n: phrase == "blue poker chip" and n == 1)
-    stage = MasksStage(CurateConfig(subjects=True), world.work, grounder=grounder, segmenter=segmenter)
+    stage = MasksStage(CurateConfig(subjects=True), grounder=grounder, segmenter=segmenter)
 
-    out = _run(world, stage)
+    out, contexts = _run(world, stage)
     assert len(grounder.calls) == 1 and len(segmenter.calls) == 1, "models must be called once per batch"
     assert segmenter.calls == [6]  # all keyframes of both videos in one call
 
     rec = out[two]
     assert isinstance(rec, MasksRecord), rec
-    faces = FacesRecord.model_validate(world.work.load("faces", two)["record"])
+    ctx = contexts[two]
+    faces = ctx.record("faces", FacesRecord)
     boxes = {p.person_id: p.boxes for p in faces.persons}
     # Attribute phrases were searched inside their own person's box, objects on the whole frame.
     phrases, regions = grounder.calls[0]
@@ -82,41 +88,43 @@ def test_masks_stage_grounds_in_person_boxes_and_records_reasons(world):
     assert by_key["object_0"].reasons() == {0: "empty"}
     assert by_key["attr_0_0"].reasons() == {2: "fragmented"}
     assert by_key["object_1"].reasons() == {1: NOT_GROUNDED}
-    # Every entity has one frame per keyframe; valid frames carry a 1-bit full-frame PNG.
+    # Every entity has one frame per keyframe; valid frames carry a 1-bit full-frame PNG in the video's media.
+    valid_masks = set()
     for e in rec.entities:
         assert [f.keyframe for f in e.frames] == [0, 1, 2]
         for f in e.frames:
             assert (f.mask is not None) == f.ok
             if f.ok:
-                with Image.open(world.work.abs(f.mask)) as im:
-                    assert im.mode == "1" and im.size == (640, 360)
-                mask = load_mask(world.work, f.mask)
+                assert isinstance(ctx.media[f.mask], bytes)  # PNG bytes, by the name the record gives
+                with Image.open(io.BytesIO(ctx.data(f.mask))) as im:
+                    assert im.format == "PNG" and im.mode == "1" and im.size == (640, 360)
+                mask = ctx.mask(f.mask)
+                assert mask.shape == (360, 640)
                 assert mask.any() and f.check is not None and f.check.ok
+                valid_masks.add(f.mask)
             else:
                 assert f.reason
+    # Only valid masks were stored: no PNG for a rejected mask.
+    assert {n for n in ctx.media if n.startswith("masks/")} == valid_masks
 
     a = out[astro]
     assert {e.key for e in a.entities} == {"person_0", "attr_0_0", "object_0"}
 
 
-def test_subject_without_person_box_on_a_keyframe(world, tmp_path):
+def test_subject_without_person_box_on_a_keyframe(world):
     """A person missing from a keyframe gets 'person not on keyframe' for its mask and attributes there."""
     two = world.ids["two_people"]
-    faces = FacesRecord.model_validate(world.work.load("faces", two)["record"])
-    saved = world.work.load("faces", two)
-    try:
-        faces.persons[1].boxes.pop(2)
-        world.work.save_ok("faces", two, "faces", faces)
-        stage = MasksStage(
-            CurateConfig(subjects=True), world.work, grounder=FakeGrounder(), segmenter=FakeSegmenter()
-        )
-        rec = _run(world, stage)[two]
-        by_key = {e.key: e for e in rec.entities}
-        assert by_key["person_1"].reasons() == {2: NOT_ON_KEYFRAME}
-        assert by_key["attr_1_0"].reasons() == {2: NOT_ON_KEYFRAME}
-        assert by_key["person_0"].valid_keyframes() == [0, 1, 2]
-    finally:
-        world.work.save_ok("faces", two, saved["fingerprint"], FacesRecord.model_validate(saved["record"]))
+    contexts = _contexts(world)
+    faces = contexts[two].record("faces", FacesRecord)
+    faces.persons[1].boxes.pop(2)  # only this test's copy of the record
+    assert 2 in world.contexts["two_people"].record("faces", FacesRecord).persons[1].boxes
+    stage = MasksStage(CurateConfig(subjects=True), grounder=FakeGrounder(), segmenter=FakeSegmenter())
+    out, _ = _run(world, stage, contexts)
+    rec = out[two]
+    by_key = {e.key: e for e in rec.entities}
+    assert by_key["person_1"].reasons() == {2: NOT_ON_KEYFRAME}
+    assert by_key["attr_1_0"].reasons() == {2: NOT_ON_KEYFRAME}
+    assert by_key["person_0"].valid_keyframes() == [0, 1, 2]
 
 
 def test_masks_stage_with_tiny_random_models(world):
@@ -133,22 +141,21 @@ def test_masks_stage_with_tiny_random_models(world):
             segmenter=ModelSpec(backend="sam", random_init=True, device="cpu"),
         ),
     )
-    stage = MasksStage(cfg, world.work)
+    stage = MasksStage(cfg)
     stage.setup()
     assert stage.grounder.info.random_weights and stage.segmenter.info.random_weights
-    out = _run(world, stage)
+    out, contexts = _run(world, stage)
     for vid, rec in out.items():
         assert isinstance(rec, MasksRecord), rec
+        persons = {p.person_id: p for p in contexts[vid].record("faces", FacesRecord).persons}
         for e in rec.entities:
             assert [f.keyframe for f in e.frames] == [0, 1, 2]
             for f in e.frames:
                 assert f.ok or f.reason, (vid, e.key, f)
+                if f.ok:
+                    assert contexts[vid].mask(f.mask).shape == (360, 640)
                 if e.kind == "attribute" and f.box is not None:
-                    person = next(
-                        p
-                        for p in FacesRecord.model_validate(world.work.load("faces", vid)["record"]).persons
-                        if p.person_id == e.person_id
-                    )
+                    person = persons[e.person_id]
                     assert f.box.fraction_inside(person.boxes[f.keyframe]) == pytest.approx(1.0)
     # With zero thresholds every phrase gets a box, so every entity reached SAM and was checked.
     checked = [f for rec in out.values() for e in rec.entities for f in e.frames if f.check is not None]

@@ -9,9 +9,10 @@ import pytest
 
 from flows.sample_data import CAPTIONS, main
 from schemas.config import CurateConfig
-from tasks.base import WorkDir
-from tasks.ingest import discover, ingest_batch
+from schemas.records import SourceFile
+from tasks.discovery import discover
 from tasks.keyframes import sample_frames
+from tests.subject_fixtures import ingest_contexts
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +30,18 @@ def test_cli_writes_samples_and_bad_files(out_dir, capsys):
     assert not list(out_dir.rglob(".*"))  # no temporary files left behind
 
 
-def test_samples_pass_ingest_with_their_captions(out_dir, tmp_path):
+def test_samples_pass_ingest_with_their_captions(out_dir):
     cfg = CurateConfig()
-    uris = discover(str(out_dir / "*.mp4"), cfg.ingest.extensions)  # not bad/, which the --bad run added
-    records, failures = ingest_batch(uris, cfg, WorkDir(tmp_path))
-    assert failures == []
-    by_name = {Path(r.uri).stem: r for r in records}
+    pattern = out_dir / "*.mp4"  # not bad/, which the --bad run added
+    found = list(discover(str(pattern), cfg.ingest.extensions))
+    assert all(isinstance(f, SourceFile) for f in found), found
+    assert sorted(f.uri for f in found) == sorted(str(out_dir / f"{n}.mp4") for n in CAPTIONS)
+    items = ingest_contexts([pattern], cfg)
+    assert [c.failure for c in items] == [None] * len(items)
+    by_name = {Path(c.uri).stem: c.video for c in items}
     assert set(by_name) == set(CAPTIONS)
     for name, rec in by_name.items():
-        assert rec.sidecar_caption == CAPTIONS[name]
+        assert rec.sidecar_caption == CAPTIONS[name] and rec.uri == str(out_dir / f"{name}.mp4")
         assert (rec.fps, rec.num_frames, rec.duration_s, rec.codec) == (16.0, 48, 3.0, "h264")
         assert rec.height == 360 and rec.width in (480, 640)
 
