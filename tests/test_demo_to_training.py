@@ -22,7 +22,7 @@ def demo_shards(tmp_path_factory, prefect_harness, sample_videos) -> list[str]:
 
     out = tmp_path_factory.mktemp("demo") / "out"
     videos = sample_videos[0].parent
-    report = curate(input=str(videos), output=str(out), profile="offline", progress=False)
+    report = curate(input=str(videos), output=str(out), profile="offline", progress=False, executor="local")
     assert report["samples"] >= 2
     return sorted(str(p) for p in (out / "shards").glob("*.tar"))
 
