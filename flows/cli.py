@@ -36,9 +36,9 @@ from flows.preflight import (
     check_config,
     check_input,
     check_output,
-    check_unlocked,
     check_weights,
     parse_overrides,
+    take_lock,
 )
 
 BUILTIN_SAMPLES = "builtin:samples"
@@ -66,7 +66,6 @@ def _preflight(args: argparse.Namespace, input: str):
     check_input(input)
     check_output(args.output)
     check_weights(config)
-    check_unlocked(args.output)
     if args.executor == "ray":
         try:
             import ray  # noqa: F401
@@ -78,6 +77,14 @@ def _preflight(args: argparse.Namespace, input: str):
 
 def _curate(args: argparse.Namespace, input: str) -> int:
     config = _preflight(args, input)
+    lock = take_lock(args.output)  # last: nothing is written for a run refused by the checks above
+    try:
+        return _start(args, input, config)
+    finally:
+        lock.release()
+
+
+def _start(args: argparse.Namespace, input: str, config) -> int:
     if args.executor == "ray" and not args.ray_address:
         # A local Ray starts while Prefect starts its temporary server, not after it.
         from tasks.ray_executor import start_local_ray
@@ -107,11 +114,11 @@ def _curate(args: argparse.Namespace, input: str) -> int:
 
 
 def _fail(error: BaseException | None, message: str | None) -> int:
-    from tasks.base import EnvironmentFault
+    from tasks.base import environment_fault
     from tasks.lock import OutputLocked
 
     print(f"lumosx-curate: {message or error}", file=sys.stderr)
-    if isinstance(error, EnvironmentFault):
+    if error is not None and environment_fault(error) is not None:
         return EX_IOERR
     if isinstance(error, OutputLocked):
         return EX_TEMPFAIL

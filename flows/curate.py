@@ -32,7 +32,7 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from schemas.config import load_config
-from tasks.base import EnvironmentFault
+from tasks.base import EnvironmentFault, environment_fault
 from tasks.engine import Curation, PartitionSummary
 
 logger = logging.getLogger(__name__)
@@ -122,16 +122,17 @@ def curate(
     try:
         with engine:
             error = _run_partitions(engine, run_key, config.run, bar)
-            report = engine.finalize()
+            report = _finalize(engine, error)
     finally:
         _RUNS.pop(run_key, None)
         bar.close()
-    _publish(report, engine)
+    if report is not None:
+        _publish(report, engine)
     if error is not None:
         reason = engine.aborted or f"{type(error).__name__}: {error}"
+        kept = f" ({report['samples']} samples)" if report is not None else ""
         message = (
-            f"stopped early: {reason}. Everything committed is kept ({report['samples']} samples); fix the cause "
-            "and run again to finish"
+            f"stopped early: {reason}. Everything committed is kept{kept}; fix the cause and run again to finish"
         )
         log.error(message)
         return Failed(message=message, data=error)  # the CLI maps the error to its exit code
@@ -142,6 +143,18 @@ def curate(
     log.info(message)
     # A failed video is data, not a crashed run: the state stays Completed and its message says how many.
     return Completed(message=message, data=report)
+
+
+def _finalize(engine: Curation, error: BaseException | None) -> dict[str, Any] | None:
+    """The run's tables and report; after a full disk they may not fit: the run's own error says why."""
+    try:
+        return engine.finalize()
+    except Exception as exc:
+        if error is not None and environment_fault(exc) is not None:
+            log = get_run_logger()
+            log.warning("could not write the run's tables after it stopped: %s", exc)
+            return None
+        raise
 
 
 def _run_partitions(engine: Curation, run_key: str, run, bar: _Progress) -> BaseException | None:

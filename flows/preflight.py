@@ -169,13 +169,14 @@ def check_weights(config: CurateConfig) -> None:
         )
 
 
-def check_unlocked(output: str) -> None:
-    from tasks.lock import OutputLocked, check_unlocked
+def take_lock(output: str):
+    """Own the output now (refusing at once if another run does); the run this process starts adopts the lock."""
+    from tasks.lock import OutputLock, OutputLocked
     from tasks.output import OutputDir
 
+    lock = OutputLock(OutputDir(output))
     try:
-        check_unlocked(OutputDir(output))
+        lock.hand_over()
     except OutputLocked as e:
         raise PreflightError(EX_TEMPFAIL, str(e)) from None
-    except OSError:
-        return  # an output we cannot lock-check yet (not created): the run will say more
+    return lock

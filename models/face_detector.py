@@ -30,7 +30,7 @@ from scipy.special import expit
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device
 from models.weights import DEFAULTS
-from models.person_detector import box_in_image, check_images
+from models.person_detector import box_in_image, check_images, pad_bottom_right
 from schemas.records import Box
 
 logger = logging.getLogger(__name__)
@@ -202,6 +202,10 @@ def _dlib_five_points(shape) -> Landmarks:
     return [(float(x), float(y)) for x, y in five]
 
 
+CNN_MIN_SIDE = 32
+"""Images for dlib's MMOD face net are padded to at least this size (it crashes below about 10 x 7 px)."""
+
+
 @FACE_DETECTORS.register("dlib")
 class DlibFaceDetector:
     """dlib face detector + 68-point shape predictor (reduced to five points).
@@ -253,9 +257,17 @@ class DlibFaceDetector:
 
     def _detect(self, img: np.ndarray) -> list[FaceDet]:
         h, w = img.shape[:2]
+        if h == 0 or w == 0:
+            return []
         if self.kind == "hog":
             rects, margins, _ = self.detector.run(img, self.upsample, self.adjust_threshold)
         else:
+            # The MMOD net tiles its image pyramid into one image; when that is smaller than its filters, dlib
+            # raises, or reads out of bounds and segfaults / aborts the process (seen on images 9 px wide or less,
+            # or 6 px high or less, at upsample 0: 1x1, 3x5, 8x8, 8x16, 6x200, 200x6, 20x6). Tiny crops are grown
+            # at the right and bottom to CNN_MIN_SIDE, well clear of that; replicated edges add nothing a face
+            # detector could fire on, coordinates are unchanged and boxes are clipped back to the image.
+            img = pad_bottom_right(img, CNN_MIN_SIDE, CNN_MIN_SIDE)
             found = self.detector(img, self.upsample)
             rects = [d.rect for d in found]
             margins = [d.confidence for d in found]
@@ -319,8 +331,18 @@ class MtcnnFaceDetector:
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, img in enumerate(images):
             by_shape.setdefault(img.shape, []).append(i)
+        # facenet-pytorch searches faces of at least min_face_size px: its image pyramid starts at the scale that
+        # maps min_face_size to P-net's 12 px cell and only shrinks from there. An image with a side shorter than
+        # min_face_size gets no pyramid level at all, and MTCNN.detect then raises (torch.cat of an empty list)
+        # instead of answering "no face". No face of the searched size fits in such an image: none is found.
+        cell = 12.0
+        scale = cell / self.mtcnn.min_face_size  # the same arithmetic as facenet-pytorch's detect_face
         for shape, idx in by_shape.items():
             h, w = shape[:2]
+            if min(h, w) * scale < cell:
+                for i in idx:
+                    out[i] = []
+                continue
             for start in range(0, len(idx), self.spec.batch_size):
                 chunk = idx[start : start + self.spec.batch_size]
                 with torch.inference_mode():

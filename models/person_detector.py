@@ -147,6 +147,22 @@ class YoloPersonDetector:
         return out
 
 
+def pad_bottom_right(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    """`img` grown at the right and bottom to at least `width` x `height`, by repeating its last column / row.
+
+    For detectors that crash on images below some size. Replicated edges add no gradient, so the border looks
+    like nothing to a gradient or conv detector (a constant colour would draw an edge along the image's side);
+    growing only at the right and bottom keeps image coordinates as they are, and the caller clips boxes back to
+    the image (a box lying wholly in the padding is then dropped).
+    """
+    h, w = img.shape[:2]
+    if w >= width and h >= height:
+        return img
+    import cv2
+
+    return cv2.copyMakeBorder(img, 0, max(0, height - h), 0, max(0, width - w), cv2.BORDER_REPLICATE)
+
+
 @PERSON_DETECTORS.register("opencv-hog")
 class HogPersonDetector:
     """OpenCV HOG people detector (64 x 128 window, linear SVM trained on INRIA pedestrians) with NMS.
@@ -191,9 +207,20 @@ class HogPersonDetector:
         cv2 = self.cv2
         h, w = img.shape[:2]
         factor = 1.0
+        if h == 0 or w == 0:
+            return []
         if self.max_side and max(h, w) > self.max_side:
             factor = self.max_side / max(h, w)
-            img = cv2.resize(img, (round(w * factor), round(h * factor)), interpolation=cv2.INTER_AREA)
+            size = (max(1, round(w * factor)), max(1, round(h * factor)))
+            img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+        # OpenCV's detectMultiScale (4.x) always evaluates the full-size pyramid level, even when it is smaller
+        # than the 64 x 128 window: its window count then goes negative, it reads and writes outside its buffers
+        # and aborts or segfaults the process (seen on 1x1, 20x14, 64x64, 96x96, 128x64, 160x90, 320x48, 47x200;
+        # its own `padding` saves some sizes, and near the boundary the corruption can be silent). So it never
+        # sees an image smaller than the window. Padded rather than skipped: a window reaching past the image is
+        # what OpenCV's `padding` evaluates anyway, so a small image is searched like any other.
+        win_w, win_h = self.hog.winSize
+        img = pad_bottom_right(img, win_w, win_h)
         # groupThreshold=0: keep every window with its own margin, then one NMS (OpenCV's rectangle grouping
         # would average boxes and lose the scores).
         rects, margins = self.hog.detectMultiScale(

@@ -94,9 +94,13 @@ def missing(spec: ModelSpec) -> str | None:
 
 
 def _ultralytics_has(name: str) -> bool:
-    try:
-        from ultralytics.utils import SETTINGS
+    """Whether ultralytics' weights folder has `name` (read from its settings file: importing ultralytics would
+    import torch, seconds the preflight does not have)."""
+    import json
 
-        return (Path(SETTINGS["weights_dir"]) / name).is_file()
-    except Exception:  # noqa: BLE001 - ultralytics absent or its settings unreadable
+    config = Path(os.environ.get("YOLO_CONFIG_DIR", "~/.config/Ultralytics")).expanduser() / "settings.json"
+    try:
+        weights_dir = json.loads(config.read_text()).get("weights_dir")
+    except (OSError, ValueError):
         return False
+    return bool(weights_dir) and (Path(weights_dir) / name).is_file()

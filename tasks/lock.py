@@ -28,6 +28,12 @@ from tasks.output import LOCK, OutputDir
 HEARTBEAT_S = 30.0
 STALE_S = 120.0
 
+# Locks handed over to the next run of this process, by output root: the CLI takes the lock before it starts
+# Prefect (so a second run is refused at once, not after the server's start-up), and the flow it then runs
+# adopts it. Adopted once: another run in this process still finds the output locked.
+_HANDED_OVER: dict[str, OutputLock] = {}
+_HANDED_OVER_GUARD = threading.Lock()
+
 
 class OutputLocked(RuntimeError):
     """Another run owns this output directory."""
@@ -86,6 +92,25 @@ class OutputLock:
         self.release()
 
     def acquire(self) -> None:
+        with _HANDED_OVER_GUARD:
+            self._adopted = _HANDED_OVER.pop(self.output.root, None)
+        if self._adopted is not None:
+            return
+        self._take()
+
+    def release(self) -> None:
+        if getattr(self, "_adopted", None) is not None:
+            self._adopted = None  # the lock stays with whoever handed it over
+            return
+        self._drop()
+
+    def hand_over(self) -> None:
+        """Take the lock now and let the next run in this process adopt it (the CLI, before Prefect starts)."""
+        self._take()
+        with _HANDED_OVER_GUARD:
+            _HANDED_OVER[self.output.root] = self
+
+    def _take(self) -> None:
         if self.output.local:
             try:
                 self._acquire_flock()
@@ -95,7 +120,7 @@ class OutputLock:
                     raise
         self._acquire_heartbeat()
 
-    def release(self) -> None:
+    def _drop(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
@@ -164,17 +189,3 @@ class OutputLock:
                 self.output.write_bytes(LOCK, json.dumps(owner).encode())
             except OSError:
                 pass  # a missed beat is survivable; STALE_S is four beats
-
-
-def check_unlocked(output: OutputDir) -> None:
-    """Raise `OutputLocked` now if another run owns `output` (the CLI's fast check before starting a run)."""
-    lock = OutputLock(output)
-    if not output.local:
-        owner = lock._read_owner()
-        if owner and time.time() - float(owner.get("heartbeat", 0)) < STALE_S and _alive_here(owner):
-            raise OutputLocked(output.url, owner)
-        return
-    if not os.path.exists(output.path(LOCK)):
-        return
-    lock.acquire()
-    lock.release()
