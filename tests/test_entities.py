@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -20,9 +21,10 @@ from schemas.records import (
     KeyframesRecord,
     ModelInfo,
     Person,
+    SourceFile,
     VideoRecord,
 )
-from tasks.base import StageError, VideoContext, WorkDir
+from tasks.base import StageError, VideoContext, encode_png
 from tasks.entities import (
     _PALETTE,
     EntitiesStage,
@@ -33,6 +35,7 @@ from tasks.entities import (
     load_prompt,
     parse_answer,
 )
+from tasks.keyframes import keyframe_name
 
 CAPTION = (
     "A man on the left in a red jacket and a man on the right in a blue shirt talk next to a wooden table "
@@ -305,7 +308,7 @@ def _person(pid: int, boxes: dict[int, tuple], face: bool = True) -> Person:
         boxes=b,
         scores=dict.fromkeys(b, 0.9),
         face=FaceDetection(keyframe=first, box=Box.from_tuple((0, 0, 10, 10)), score=0.9) if face else None,
-        face_path=f"media/v/face_{pid}.png" if face else None,
+        face_path=f"face_{pid}.png" if face else None,
     )
 
 
@@ -361,7 +364,8 @@ class ScriptedGenerator:
         return out
 
 
-def _make_video(work: WorkDir, video_id: str, caption: str, persons: list[Person]) -> VideoContext:
+def _make_video(video_id: str, caption: str, persons: list[Person]) -> VideoContext:
+    """A video after ingest, keyframes (arrays in memory), caption and faces (crops as PNG bytes)."""
     video = VideoRecord(
         video_id=video_id,
         uri=f"/videos/{video_id}.mp4",
@@ -374,11 +378,11 @@ def _make_video(work: WorkDir, video_id: str, caption: str, persons: list[Person
         duration_s=4.0,
         num_frames=100,
     )
+    source = SourceFile(uri=video.uri, size=1, version="1:0", video_id=video_id)
+    ctx = VideoContext(source=source, video=video, records={"ingest": video})
     keyframes = []
     for k, pos in enumerate((0.05, 0.5, 0.95)):
-        path = work.media(video_id) / f"keyframe_{k}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (320, 180), (40 * k, 90, 160)).save(path)
+        path = ctx.put(keyframe_name(k), np.full((180, 320, 3), (40 * k, 90, 160), np.uint8))
         keyframes.append(
             Keyframe(
                 index=k,
@@ -386,19 +390,19 @@ def _make_video(work: WorkDir, video_id: str, caption: str, persons: list[Person
                 target_time_s=4 * pos,
                 time_s=4 * pos,
                 frame_index=int(100 * pos),
-                path=work.rel(path),
+                path=path,
                 width=320,
                 height=180,
             )
         )
+    for p in persons:
+        if p.face_path is not None:
+            ctx.put(p.face_path, encode_png(np.full((10, 10, 3), 200, np.uint8)))
     info = ModelInfo(backend="test")
-    work.save_ok("ingest", video_id, "fp", video)
-    work.save_ok("keyframes", video_id, "fp", KeyframesRecord(video_id=video_id, keyframes=keyframes))
-    work.save_ok(
-        "caption", video_id, "fp", CaptionRecord(video_id=video_id, caption=caption, source="sidecar")
-    )
-    work.save_ok("faces", video_id, "fp", FacesRecord(video_id=video_id, model=info, persons=persons))
-    return VideoContext(video=video, work=work, fingerprints={})
+    ctx.records["keyframes"] = KeyframesRecord(video_id=video_id, keyframes=keyframes)
+    ctx.records["caption"] = CaptionRecord(video_id=video_id, caption=caption, source="sidecar")
+    ctx.records["faces"] = FacesRecord(video_id=video_id, model=info, persons=persons)
+    return ctx
 
 
 TWO = [
@@ -412,11 +416,11 @@ def _config(**entities) -> CurateConfig:
     return CurateConfig(entities=EntitiesConfig(**entities))
 
 
-def test_stage_retries_with_error_feedback(tmp_path):
-    work = WorkDir(tmp_path)
-    ctx = _make_video(work, "vid_a", CAPTION, TWO)
+def test_stage_retries_with_error_feedback():
+    ctx = _make_video("vid_a", CAPTION, TWO)
+    keyframe_1 = ctx.rgb(keyframe_name(1)).copy()
     gen = ScriptedGenerator({"busy café": [PARAPHRASED, FENCED]})
-    stage = EntitiesStage(_config(max_retries=2), work, generator=gen)
+    stage = EntitiesStage(_config(max_retries=2), generator=gen)
     out = stage.process([ctx])["vid_a"]
     assert isinstance(out, EntitiesRecord), out
     assert out.attempts == 2 and out.prompt_version == "entities_v1.txt"
@@ -425,7 +429,14 @@ def test_stage_retries_with_error_feedback(tmp_path):
         2: ["blue shirt"],
     }
     assert out.prior_keyframes == [1]  # both faced persons are on the middle keyframe
-    assert (tmp_path / out.prior_images[0]).is_file()
+    # The prior image is not kept: it is keyframe 1 with the faced persons' numbered boxes, made in memory for
+    # the model, and the keyframe itself is left as it was.
+    (shown,) = [part["image"] for part in gen.calls[0][0][0]["content"] if part["type"] == "image"]
+    want = draw_person_prior(Image.fromarray(keyframe_1), [(1, TWO[0].boxes[1]), (2, TWO[1].boxes[1])])
+    assert shown.size == want.size == (320, 180)
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(want))
+    np.testing.assert_array_equal(ctx.rgb(keyframe_name(1)), keyframe_1)
+    assert not np.array_equal(np.asarray(shown), keyframe_1)  # the boxes were drawn
     # The second call continued the conversation: the bad answer, then the rule it broke.
     second = gen.calls[1][0]
     assert [m["role"] for m in second] == ["user", "assistant", "user"]
@@ -437,12 +448,11 @@ def test_stage_retries_with_error_feedback(tmp_path):
     assert "numbered persons are: 1, 2." in first_turn[-1]["text"] and CAPTION in first_turn[-1]["text"]
 
 
-def test_stage_fails_with_reason_after_retries_and_batches_retries(tmp_path):
-    work = WorkDir(tmp_path)
-    a = _make_video(work, "vid_a", CAPTION, TWO)
-    b = _make_video(work, "vid_b", SAME_NOUN_CAPTION, TWO[:2])
+def test_stage_fails_with_reason_after_retries_and_batches_retries():
+    a = _make_video("vid_a", CAPTION, TWO)
+    b = _make_video("vid_b", SAME_NOUN_CAPTION, TWO[:2])
     gen = ScriptedGenerator({"busy café": [BOTH_RED, BOTH_RED], "city street": [SAME_NOUN]})
-    out = EntitiesStage(_config(max_retries=1), work, generator=gen).process([a, b])
+    out = EntitiesStage(_config(max_retries=1), generator=gen).process([a, b])
     assert isinstance(out["vid_b"], EntitiesRecord) and out["vid_b"].attempts == 1
     err = out["vid_a"]
     assert isinstance(err, StageError) and err.reason == "shared_attribute"
@@ -450,34 +460,42 @@ def test_stage_fails_with_reason_after_retries_and_batches_retries(tmp_path):
     assert [len(batch) for batch in gen.calls] == [2, 1]  # only the failing video was asked again
 
 
-def test_stage_without_faces_fails_before_the_model(tmp_path):
-    work = WorkDir(tmp_path)
-    ctx = _make_video(work, "vid_c", CAPTION, [TWO[2]])
+def test_stage_without_faces_fails_before_the_model():
+    ctx = _make_video("vid_c", CAPTION, [TWO[2]])
     gen = ScriptedGenerator({})
-    err = EntitiesStage(_config(), work, generator=gen).process([ctx])["vid_c"]
+    err = EntitiesStage(_config(), generator=gen).process([ctx])["vid_c"]
     assert isinstance(err, StageError) and err.reason == "no_face" and gen.calls == []
 
 
-def test_fingerprint_follows_prompt_text_and_config(tmp_path):
-    work = WorkDir(tmp_path)
+def test_missing_keyframe_image_fails_that_video_before_the_model():
+    gone = _make_video("vid_gone", CAPTION, TWO)
+    del gone.media[keyframe_name(1)]
+    ok = _make_video("vid_b", SAME_NOUN_CAPTION, TWO[:2])
+    gen = ScriptedGenerator({"city street": [SAME_NOUN]})
+    out = EntitiesStage(_config(), generator=gen).process([gone, ok])
+    assert isinstance(out["vid_gone"], StageError) and out["vid_gone"].reason == "missing_media"
+    assert isinstance(out["vid_b"], EntitiesRecord)
+    assert [len(batch) for batch in gen.calls] == [1]  # only the video with its keyframe was asked
+
+
+def test_fingerprint_follows_prompt_text_and_config():
     up = {"faces": "f", "caption": "c"}
-    base = EntitiesStage(_config(), work)
-    assert base.fingerprint(up) == EntitiesStage(_config(), work).fingerprint(up)
-    assert base.fingerprint(up) != EntitiesStage(_config(max_attributes=2), work).fingerprint(up)
-    edited = EntitiesStage(_config(), work)
+    base = EntitiesStage(_config())
+    assert base.fingerprint(up) == EntitiesStage(_config()).fingerprint(up)
+    assert base.fingerprint(up) != EntitiesStage(_config(max_attributes=2)).fingerprint(up)
+    edited = EntitiesStage(_config())
     edited._template = base.template + "\nBe careful."
     assert edited.fingerprint(up) != base.fingerprint(up)
     with pytest.raises(ValueError, match="plain .txt"):
         load_prompt("../caption_v1.txt")
 
 
-def test_stage_with_tiny_random_qwen_vl(tmp_path):
+def test_stage_with_tiny_random_qwen_vl():
     """The real code path: registry -> QwenVL test build -> chat template -> generate -> parse -> retry ->
     fail."""
-    work = WorkDir(tmp_path)
-    ctx = _make_video(work, "vid_q", CAPTION, TWO)
+    ctx = _make_video("vid_q", CAPTION, TWO)
     spec = ModelSpec(backend="qwen2.5-vl", random_init=True, device="cpu", batch_size=2)
-    stage = EntitiesStage(_config(model=spec, max_retries=1, max_new_tokens=12), work)
+    stage = EntitiesStage(_config(model=spec, max_retries=1, max_new_tokens=12))
     stage.setup()
     assert stage.generator.info.random_weights
     calls = []

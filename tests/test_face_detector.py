@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnxruntime
 import pytest
@@ -104,3 +109,64 @@ def test_bad_specs_fail_clearly(tmp_path):
         FACE_DETECTORS.build(ModelSpec(backend="dlib", weights=str(tmp_path)))
     with pytest.raises(ModelLoadError, match="'hog' or 'cnn'"):
         FACE_DETECTORS.build(ModelSpec(backend="dlib", options={"detector": "sift"}))
+
+
+# Crops (width, height) as small as the faces stage may cut from a person box at a frame's edge.
+TINY_CROPS = [(1, 1), (3, 5), (5, 3), (8, 8), (20, 14), (14, 20), (9, 200), (200, 6), (0, 5)]
+
+_RUN_ON_TINY_CROPS = """
+import json, sys
+import numpy as np
+from models.base import ModelSpec
+from models.face_detector import FACE_DETECTORS
+backend, options, sizes = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+det = FACE_DETECTORS.build(ModelSpec(backend=backend, device="cpu", options=options))
+rng = np.random.default_rng(0)
+out = []
+for w, h in sizes:
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8), np.full((h, w, 3), 128, np.uint8)]
+    dets = det(images)
+    out.append([[[d.box.x0, d.box.y0, d.box.x1, d.box.y1, d.score] for d in per_image] for per_image in dets])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize(
+    "backend,options",
+    [
+        ("dlib", {}),
+        # dlib's MMOD net segfaults, aborts or raises on images under ~10 x 7 px: the adapter pads them.
+        ("dlib", {"detector": "cnn", "upsample": 0}),
+        ("dlib", {"detector": "cnn", "upsample": 1}),
+        # facenet-pytorch's MTCNN raises (torch.cat of no pyramid level) on a side under min_face_size.
+        ("mtcnn", {}),
+        ("mtcnn", {"min_face_size": 40}),
+    ],
+)
+def test_tiny_crops_give_no_faces_instead_of_crashing(backend, options):
+    """Run in a child process: a segfault in native code would otherwise take pytest down with it."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN_ON_TINY_CROPS, backend, json.dumps(options), json.dumps(TINY_CROPS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == len(TINY_CROPS)
+    for (w, h), per_size in zip(TINY_CROPS, results):
+        assert len(per_size) == 2  # one list of detections per image
+        for dets in per_size:
+            assert isinstance(dets, list)
+            for x0, y0, x1, y1, score in dets:
+                assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and 0.0 <= score <= 1.0
+
+
+def test_mtcnn_mixes_tiny_and_normal_images_in_one_call(mtcnn_detector):
+    a = astronaut_frames()[0]
+    images = [a, np.zeros((8, 8, 3), np.uint8), a[:19, :300].copy(), a]
+    dets = mtcnn_detector(images)
+    _check(dets, images)
+    assert dets[1] == [] and dets[2] == []
+    assert len([d for d in dets[0] if d.score >= 0.95]) == 1 and len(dets[3]) == len(dets[0])

@@ -12,7 +12,7 @@ from models.base import ModelSpec
 from models.face_detector import FACE_DETECTORS
 from schemas.config import load_config
 from schemas.records import Box, FacesRecord, PersonDetection, PersonsRecord
-from tasks.base import StageError, WorkDir
+from tasks.base import StageError, VideoContext
 from tasks.faces import (
     FacesStage,
     assign_faces,
@@ -22,7 +22,9 @@ from tasks.faces import (
     person_box_from_face,
     sharpness,
 )
+from tasks.keyframes import keyframe_name
 from tasks.persons import PersonsStage
+from tasks.runner import run_stage
 
 B = Box.from_tuple
 
@@ -116,18 +118,24 @@ def test_sharpness_drops_with_blur():
 
 
 # --------------------------------------------------------------------------------------------- end to end
-def _run(tmp_path, video_id: str, frames: list[np.ndarray], overrides: dict):
+def _run(video_id: str, frames: list[np.ndarray], overrides: dict):
     cfg = load_config("offline", overrides)
-    work = WorkDir(tmp_path / "work")
-    ctx = video_with_keyframes(work, video_id, frames)
-    persons = PersonsStage(cfg, work).process([ctx])[video_id]
-    assert isinstance(persons, PersonsRecord), persons
-    work.save_ok("persons", video_id, "test", persons)
-    return FacesStage(cfg, work).process([ctx])[video_id], work
+    ctx = video_with_keyframes(video_id, frames)
+    run_stage(PersonsStage(cfg), [ctx])
+    assert ctx.failure is None, ctx.failure
+    assert isinstance(ctx.records["persons"], PersonsRecord)
+    return FacesStage(cfg).process([ctx])[video_id], ctx
 
 
-def _crop_has_face(detector, work: WorkDir, rel: str) -> bool:
-    crop = np.asarray(Image.open(work.abs(rel)).convert("RGB"))
+def _face_crop_png(ctx: VideoContext, name: str) -> np.ndarray:
+    """The face crop `name` as the stage stored it: PNG bytes in the context's media, decoded."""
+    data = ctx.media[name]
+    assert isinstance(data, bytes) and data.startswith(b"\x89PNG\r\n\x1a\n"), name
+    return ctx.rgb(name)
+
+
+def _crop_has_face(detector, ctx: VideoContext, name: str) -> bool:
+    crop = _face_crop_png(ctx, name)
     # Padding gives a detector the context around the face that its window expects; it adds no face.
     pad = max(crop.shape[:2]) // 2
     padded = cv2.copyMakeBorder(crop, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(128, 128, 128))
@@ -144,8 +152,8 @@ def dlib_checker():
     return FACE_DETECTORS.build(ModelSpec(backend="dlib", device="cpu"))
 
 
-def test_group_photo_offline_gives_five_or_more_persons_with_faces(tmp_path, mtcnn_checker):
-    rec, work = _run(tmp_path, "group", group_pan_frames(), OFFLINE)
+def test_group_photo_offline_gives_five_or_more_persons_with_faces(mtcnn_checker):
+    rec, ctx = _run("group", group_pan_frames(), OFFLINE)
     assert isinstance(rec, FacesRecord), rec
     with_face = rec.persons_with_face
     assert len(with_face) >= 5, [(p.person_id, p.source, p.no_face_reason) for p in rec.persons]
@@ -153,8 +161,8 @@ def test_group_photo_offline_gives_five_or_more_persons_with_faces(tmp_path, mtc
     for p in with_face:
         assert p.face.quality.usable and p.face.quality.reason is None
         assert p.face.box.fraction_inside(p.boxes[p.face.keyframe].expand(0.05, 640, 360)) > 0.5
-        assert p.face_path == f"media/group/face_{p.person_id}.png"
-        assert _crop_has_face(mtcnn_checker, work, p.face_path), p  # an independent detector agrees
+        assert p.face_path == f"face_{p.person_id}.png"
+        assert _crop_has_face(mtcnn_checker, ctx, p.face_path), p  # an independent detector agrees
     for p in rec.persons:
         assert p.has_face or p.no_face_reason  # never silently dropped
     # Three keyframes of one slow pan: persons are linked across keyframes (a face the detector finds on one
@@ -165,65 +173,77 @@ def test_group_photo_offline_gives_five_or_more_persons_with_faces(tmp_path, mtc
     assert all(a.iou(b) < 0.3 for i, a in enumerate(boxes) for b in boxes[i + 1 :])
 
 
-def test_astronaut_with_mtcnn_gives_one_person_one_face(tmp_path, dlib_checker):
+def test_astronaut_with_mtcnn_gives_one_person_one_face(dlib_checker):
     overrides = {
         **OFFLINE,
         "faces": {**OFFLINE["faces"], "model": {"backend": "mtcnn", "device": "cpu"}, "min_score": 0.95},
     }
-    rec, work = _run(tmp_path, "astro", astronaut_frames(), overrides)
+    rec, ctx = _run("astro", astronaut_frames(), overrides)
     assert isinstance(rec, FacesRecord), rec
     assert len(rec.persons_with_face) == 1
     (p,) = rec.persons_with_face
     assert p.face.landmarks is not None and p.face.quality.frontalness > 0.8
-    assert _crop_has_face(dlib_checker, work, p.face_path)
-    assert work.abs(p.face_path).is_file()
+    assert _crop_has_face(dlib_checker, ctx, p.face_path)
+    # The crop is the face box grown by crop_margin, cut from the keyframe the face was found on.
+    crop = _face_crop_png(ctx, p.face_path)
+    kf = ctx.rgb(keyframe_name(p.face.keyframe))
+    b = p.face.box.expand(load_config("offline", overrides).faces.crop_margin, kf.shape[1], kf.shape[0])
+    np.testing.assert_array_equal(crop, kf[int(b.y0) : int(np.ceil(b.y1)), int(b.x0) : int(np.ceil(b.x1))])
 
 
-def test_person_without_a_face_is_kept_with_a_reason(tmp_path):
+def test_person_without_a_face_is_kept_with_a_reason():
     # A person box over plain wall next to the real face: it gets no face, and says why.
     cfg = load_config("offline", {**OFFLINE, "faces": {**OFFLINE["faces"], "persons_from_faces": False}})
-    work = WorkDir(tmp_path / "work")
     frames = astronaut_frames()
-    ctx = video_with_keyframes(work, "astro", frames)
+    ctx = video_with_keyframes("astro", frames)
     face_person = PersonDetection(keyframe=0, box=B((120, 0, 380, 360)), score=0.9)
     wall = PersonDetection(keyframe=0, box=B((0, 200, 60, 360)), score=0.7)
-    work.save_ok(
-        "persons",
-        "astro",
-        "t",
-        PersonsRecord(video_id="astro", model={"backend": "x"}, detections=[face_person, wall]),
+    ctx.records["persons"] = PersonsRecord(
+        video_id="astro", model={"backend": "x"}, detections=[face_person, wall]
     )
-    rec = FacesStage(cfg, work).process([ctx])["astro"]
+    rec = FacesStage(cfg).process([ctx])["astro"]
     assert isinstance(rec, FacesRecord)
     by_box = {p.boxes[0].x0: p for p in rec.persons}
     assert by_box[120.0].has_face and by_box[120.0].source == "detector"
     assert not by_box[0.0].has_face and "no face found" in by_box[0.0].no_face_reason
 
 
-def test_no_usable_face_fails_the_video(tmp_path):
+def test_through_the_runner_crops_belong_to_the_faces_stage_and_missing_keyframes_fail():
+    cfg = load_config("offline", OFFLINE)
+    good = video_with_keyframes("astro", astronaut_frames())
+    gone = video_with_keyframes("gone", astronaut_frames())
+    run_stage(PersonsStage(cfg), [good, gone])
+    del gone.media[keyframe_name(1)]
+    stats = run_stage(FacesStage(cfg), [good, gone])
+    assert stats.ok == 1 and stats.failed == {"missing_media": 1}
+    assert good.failure is None
+    rec = good.record("faces", FacesRecord)
+    assert rec.persons_with_face
+    for p in rec.persons_with_face:
+        assert good.media_stage[p.face_path] == "faces"
+        assert _face_crop_png(good, p.face_path).size > 0
+    assert gone.failure is not None and gone.failure.stage == "faces"
+    assert gone.failure.error_class == "missing_media" and "faces" not in gone.records
+
+
+def test_no_usable_face_fails_the_video():
     blank = [np.full((360, 480, 3), 128, np.uint8)] * 3
-    rec, _ = _run(tmp_path, "blank", blank, OFFLINE)
+    rec, _ = _run("blank", blank, OFFLINE)
     assert isinstance(rec, StageError) and rec.reason == "no_face"
     # Too strict thresholds: faces are found but none is usable, and the message says so.
     strict = {**OFFLINE, "faces": {**OFFLINE["faces"], "min_size_px": 400, "persons_from_faces": False}}
     cfg = load_config("offline", strict)
-    work = WorkDir(tmp_path / "w2")
-    ctx = video_with_keyframes(work, "astro", astronaut_frames())
-    work.save_ok(
-        "persons",
-        "astro",
-        "t",
-        PersonsRecord(
-            video_id="astro",
-            model={"backend": "x"},
-            detections=[PersonDetection(keyframe=k, box=B((100, 0, 400, 360)), score=0.9) for k in range(3)],
-        ),
+    ctx = video_with_keyframes("astro", astronaut_frames())
+    ctx.records["persons"] = PersonsRecord(
+        video_id="astro",
+        model={"backend": "x"},
+        detections=[PersonDetection(keyframe=k, box=B((100, 0, 400, 360)), score=0.9) for k in range(3)],
     )
-    err = FacesStage(cfg, work).process([ctx])["astro"]
+    err = FacesStage(cfg).process([ctx])["astro"]
     assert isinstance(err, StageError) and err.reason == "no_face" and "none usable" in str(err)
 
 
-def test_insightface_test_build_through_the_stage(tmp_path):
+def test_insightface_test_build_through_the_stage():
     overrides = {
         "persons": {"model": {"backend": "opencv-hog", "device": "cpu"}, "require_person": False},
         "faces": {
@@ -240,7 +260,7 @@ def test_insightface_test_build_through_the_stage(tmp_path):
             "persons_from_faces": True,
         },
     }
-    rec, work = _run(tmp_path, "group", group_pan_frames(), overrides)
+    rec, ctx = _run("group", group_pan_frames(), overrides)
     # Random weights (seeded): whatever it finds, the record is well formed and flagged as not data.
     assert isinstance(rec, FacesRecord), rec
     assert rec.model.random_weights and rec.persons_with_face
@@ -248,12 +268,11 @@ def test_insightface_test_build_through_the_stage(tmp_path):
         for box in p.boxes.values():
             assert 0 <= box.x0 <= box.x1 <= 640 and 0 <= box.y0 <= box.y1 <= 360
         if p.has_face:
-            assert work.abs(p.face_path).is_file()
+            assert _face_crop_png(ctx, p.face_path).size > 0
 
 
-def test_fingerprint_follows_face_thresholds_and_linking(tmp_path):
-    work = WorkDir(tmp_path)
-    fp = lambda o: FacesStage(load_config("offline", o), work).fingerprint({"persons": "p"})  # noqa: E731
+def test_fingerprint_follows_face_thresholds_and_linking():
+    fp = lambda o: FacesStage(load_config("offline", o)).fingerprint({"persons": "p"})  # noqa: E731
     base = fp(OFFLINE)
     assert fp(OFFLINE) == base
     assert fp({**OFFLINE, "faces": {**OFFLINE["faces"], "min_sharpness": 30}}) != base

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from keyframe_media import astronaut_frames, group_pan_frames
@@ -82,3 +87,52 @@ def test_building_yolo_leaves_pil_image_open_alone(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(UnidentifiedImageError):
         Image.open(bad)
+
+
+# Sizes (width, height) on which OpenCV's raw HOGDescriptor.detectMultiScale aborts or segfaults the process
+# (its full-size pyramid level is smaller than the 64 x 128 window), both ways round, and the window size itself.
+SMALL_FRAMES = [(20, 14), (64, 64), (96, 96), (64, 128), (160, 90), (320, 48), (1, 1), (47, 200), (128, 64)]
+SMALL_FRAMES += [(h, w) for w, h in SMALL_FRAMES if (h, w) not in SMALL_FRAMES]
+
+_RUN_ON_SMALL_FRAMES = """
+import json, sys
+import numpy as np
+from models.base import ModelSpec
+from models.person_detector import PERSON_DETECTORS
+sizes, options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+det = PERSON_DETECTORS.build(ModelSpec(backend="opencv-hog", device="cpu", options=options))
+rng = np.random.default_rng(0)
+out = []
+for w, h in sizes:
+    # Noise, a flat grey and a bright figure on dark: nothing for HOG, and strong gradients at every scale.
+    figure = np.zeros((h, w, 3), np.uint8)
+    figure[h // 4 : max(h // 4 + 1, 3 * h // 4), w // 3 : max(w // 3 + 1, 2 * w // 3)] = 255
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8), np.full((h, w, 3), 128, np.uint8), figure]
+    dets = det(images)
+    out.append([[[d.box.x0, d.box.y0, d.box.x1, d.box.y1, d.score] for d in per_image] for per_image in dets])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("options", [{}, {"padding": 0, "win_stride": 4}, {"max_side": 60}])
+def test_hog_on_frames_smaller_than_its_window_does_not_crash_the_process(options):
+    """Raw OpenCV aborts (malloc: invalid size) or segfaults on these sizes; the adapter pads them to the window.
+
+    Run in a child process: were the guard gone, the crash would take pytest down with it.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN_ON_SMALL_FRAMES, json.dumps(SMALL_FRAMES), json.dumps(options)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == len(SMALL_FRAMES)
+    for (w, h), per_size in zip(SMALL_FRAMES, results):
+        assert len(per_size) == 3  # one list of detections per image
+        for dets in per_size:
+            assert isinstance(dets, list)
+            for x0, y0, x1, y1, score in dets:  # boxes stay inside the original (unpadded) image
+                assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and 0.0 <= score <= 1.0

@@ -8,7 +8,7 @@ from keyframe_media import group_pan_frames, video_with_keyframes
 
 from schemas.config import load_config
 from schemas.records import PersonsRecord
-from tasks.base import StageError, WorkDir
+from tasks.base import StageError
 from tasks.persons import PersonsStage
 
 OFFLINE_PERSONS = {
@@ -18,16 +18,16 @@ OFFLINE_PERSONS = {
 }
 
 
-def _stage(tmp_path, persons: dict, profile: str = "offline") -> PersonsStage:
-    return PersonsStage(load_config(profile, {"persons": persons}), WorkDir(tmp_path / "work"))
+def _stage(persons: dict, profile: str = "offline") -> PersonsStage:
+    return PersonsStage(load_config(profile, {"persons": persons}))
 
 
-def test_hog_persons_on_group_pan_batched_over_videos(tmp_path):
-    stage = _stage(tmp_path, OFFLINE_PERSONS)
+def test_hog_persons_on_group_pan_batched_over_videos():
+    stage = _stage(OFFLINE_PERSONS)
     frames = group_pan_frames()
     blank = [np.full_like(f, 128) for f in frames]
-    a = video_with_keyframes(stage.work, "group", frames)
-    b = video_with_keyframes(stage.work, "blank", blank)
+    a = video_with_keyframes("group", frames)
+    b = video_with_keyframes("blank", blank)
     out = stage.process([a, b])  # 6 keyframes through the detector in chunks of 2
     rec = out["group"]
     assert isinstance(rec, PersonsRecord) and rec.video_id == "group"
@@ -41,38 +41,41 @@ def test_hog_persons_on_group_pan_batched_over_videos(tmp_path):
     assert isinstance(err, StageError) and err.reason == "no_person"
 
 
-def test_filters_and_require_person(tmp_path):
+def test_filters_and_require_person():
     frames = group_pan_frames()
-    strict = _stage(tmp_path, {**OFFLINE_PERSONS, "min_height_frac": 0.95})
-    ctx = video_with_keyframes(strict.work, "group", frames)
+    strict = _stage({**OFFLINE_PERSONS, "min_height_frac": 0.95})
+    ctx = video_with_keyframes("group", frames)
     assert strict.process([ctx])["group"].reason == "no_person"
-    lenient = _stage(tmp_path, {**OFFLINE_PERSONS, "min_height_frac": 0.95, "require_person": False})
+    lenient = _stage({**OFFLINE_PERSONS, "min_height_frac": 0.95, "require_person": False})
     rec = lenient.process([ctx])["group"]
     assert isinstance(rec, PersonsRecord) and rec.detections == []
 
 
-def test_unreadable_keyframe_is_this_videos_failure(tmp_path):
-    stage = _stage(tmp_path, OFFLINE_PERSONS)
-    bad = video_with_keyframes(stage.work, "bad", group_pan_frames())
-    (stage.work.media("bad") / "kf_1.png").write_bytes(b"not a png")
-    good = video_with_keyframes(stage.work, "good", group_pan_frames())
-    out = stage.process([bad, good])
-    assert out["bad"].reason == "unreadable_keyframe"
-    assert isinstance(out["good"], PersonsRecord)
+def test_unreadable_or_missing_keyframe_is_this_videos_failure():
+    stage = _stage(OFFLINE_PERSONS)
+    bad = video_with_keyframes("bad", group_pan_frames())
+    bad.media["kf_1"] = b"not a png"  # media that is neither an array nor a decodable image
+    gone = video_with_keyframes("gone", group_pan_frames())
+    del gone.media["kf_2"]
+    good = video_with_keyframes("good", group_pan_frames())
+    out = stage.process([bad, gone, good])
+    assert isinstance(out["bad"], StageError) and out["bad"].reason == "unreadable_media"
+    assert "kf_1" in str(out["bad"])
+    assert isinstance(out["gone"], StageError) and out["gone"].reason == "missing_media"
+    assert isinstance(out["good"], PersonsRecord) and out["good"].detections
 
 
-def test_fingerprint_follows_thresholds_and_model(tmp_path):
+def test_fingerprint_follows_thresholds_and_model():
     up = {"keyframes": "k"}
-    base = _stage(tmp_path, OFFLINE_PERSONS).fingerprint(up)
-    assert _stage(tmp_path, OFFLINE_PERSONS).fingerprint(up) == base
-    assert _stage(tmp_path, {**OFFLINE_PERSONS, "min_score": 0.7}).fingerprint(up) != base
-    assert _stage(tmp_path, {"model": {"backend": "yolo", "random_init": True}}).fingerprint(up) != base
-    assert _stage(tmp_path, OFFLINE_PERSONS).fingerprint({"keyframes": "other"}) != base
+    base = _stage(OFFLINE_PERSONS).fingerprint(up)
+    assert _stage(OFFLINE_PERSONS).fingerprint(up) == base
+    assert _stage({**OFFLINE_PERSONS, "min_score": 0.7}).fingerprint(up) != base
+    assert _stage({"model": {"backend": "yolo", "random_init": True}}).fingerprint(up) != base
+    assert _stage(OFFLINE_PERSONS).fingerprint({"keyframes": "other"}) != base
 
 
-def test_yolo_test_build_through_the_stage(tmp_path):
+def test_yolo_test_build_through_the_stage():
     stage = _stage(
-        tmp_path,
         {
             "model": {
                 "backend": "yolo",
@@ -84,7 +87,7 @@ def test_yolo_test_build_through_the_stage(tmp_path):
         },
         profile="test",
     )
-    ctx = video_with_keyframes(stage.work, "group", group_pan_frames())
+    ctx = video_with_keyframes("group", group_pan_frames())
     rec = stage.process([ctx])["group"]
     assert isinstance(rec, PersonsRecord) and rec.model.random_weights
     for d in rec.detections:
@@ -92,8 +95,8 @@ def test_yolo_test_build_through_the_stage(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["opencv-hog"])
-def test_setup_reuses_the_cached_adapter(tmp_path, backend):
-    a, b = _stage(tmp_path, OFFLINE_PERSONS), _stage(tmp_path, OFFLINE_PERSONS)
+def test_setup_reuses_the_cached_adapter(backend):
+    a, b = _stage(OFFLINE_PERSONS), _stage(OFFLINE_PERSONS)
     a.setup()
     b.setup()
     assert a.detector is b.detector
