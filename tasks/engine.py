@@ -289,22 +289,26 @@ class Curation:
         batch_size = self.config.run.batch_size
         batches = [sources[i : i + batch_size] for i in range(0, len(sources), batch_size)]
         writer = executor.open_writer(part.number, start_seq)
-        inflight: dict[Future, int] = {}
+        # Futures of batches in the stages ("stage") and of their writes ("write"): both count against the
+        # window, so a slow writer holds back new batches instead of piling their frames up in memory.
+        inflight: dict[Future, tuple[str, int]] = {}
         todo = list(enumerate(batches))[::-1]
         try:
             while todo or inflight:
                 while todo and len(inflight) < self.config.run.batches_in_flight and not self._abort.is_set():
                     number, srcs = todo.pop()
-                    fut = executor.submit(Batch(part.number, number, srcs, self._verdicts))
-                    inflight[fut] = number
+                    inflight[executor.submit(Batch(part.number, number, srcs, self._verdicts))] = ("stage", number)
                 if self._abort.is_set():
                     raise EnvironmentFault(self.aborted or "the run was stopped")
                 finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    number = inflight.pop(fut)
-                    result = fut.result()
-                    self._merge_stats(result.stats, result.served_by)
-                    self._record(summary, writer.add(number, result.payload), len(batches[number]))
+                    kind, number = inflight.pop(fut)
+                    if kind == "stage":
+                        result = fut.result()
+                        self._merge_stats(result.stats, result.served_by)
+                        inflight[writer.add(number, result.payload)] = ("write", number)
+                    else:
+                        self._record(summary, fut.result(), len(batches[number]))
             self._record(summary, writer.close(), 0)
         except BaseException as exc:
             writer.abort()

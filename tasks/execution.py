@@ -54,7 +54,9 @@ class BatchResult:
 
 
 class Writer(Protocol):
-    def add(self, batch_no: int, payload: Any) -> list[Commit]: ...
+    """A partition's shard writer. `add` returns at once: the writing overlaps the stages' work."""
+
+    def add(self, batch_no: int, payload: Any) -> Future[list[Commit]]: ...
     def close(self) -> list[Commit]: ...
     def abort(self) -> None: ...
 
@@ -79,8 +81,13 @@ class _LocalWriter:
     def __init__(self, writer: PartitionWriter):
         self.writer = writer
 
-    def add(self, batch_no: int, payload: list[VideoContext]) -> list[Commit]:
-        return self.writer.add(batch_no, payload)
+    def add(self, batch_no: int, payload: list[VideoContext]) -> Future[list[Commit]]:
+        fut: Future[list[Commit]] = Future()
+        try:
+            fut.set_result(self.writer.add(batch_no, payload))
+        except BaseException as exc:  # noqa: BLE001 - handed over through the future
+            fut.set_exception(exc)
+        return fut
 
     def close(self) -> list[Commit]:
         return self.writer.close()

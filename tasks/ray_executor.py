@@ -181,19 +181,31 @@ class StageWorker:
 
 
 class WriterActor:
-    """The shard writer of one partition, next to the storage (on the driver's node by default)."""
+    """A shard writer next to the storage (on the driver's node by default), reused partition after partition."""
 
-    def __init__(self, output: OutputDir, pipeline: Pipeline, partition: int, start_seq: int):
-        self.writer = PartitionWriter(output, pipeline, partition, start_seq, pipeline.config.shards)
+    def __init__(self, output: OutputDir, pipeline: Pipeline):
+        self.output, self.pipeline = output, pipeline
+        self.writer: PartitionWriter | None = None
+
+    def ready(self) -> bool:
+        return True
+
+    def open(self, partition: int, start_seq: int) -> None:
+        self.writer = PartitionWriter(self.output, self.pipeline, partition, start_seq, self.pipeline.config.shards)
 
     def add(self, batch_no: int, *parts: list[VideoContext]) -> list[Commit]:
+        assert self.writer is not None, "open() first"
         return self.writer.add(batch_no, [ctx for part in parts for ctx in part])
 
     def close(self) -> list[Commit]:
-        return self.writer.close()
+        assert self.writer is not None, "open() first"
+        commits, self.writer = self.writer.close(), None
+        return commits
 
     def abort(self) -> None:
-        self.writer.abort()
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -202,8 +214,10 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 class _RayWriter:
-    def __init__(self, actor):
-        self.actor = actor
+    """One partition's use of a pooled `WriterActor`; calls run in order on the actor."""
+
+    def __init__(self, executor: RayExecutor, actor):
+        self.executor, self.actor = executor, actor
 
     def _get(self, ref):
         import ray
@@ -213,25 +227,22 @@ class _RayWriter:
         except ray.exceptions.RayError as e:
             raise _unwrap(e) from e
 
-    def add(self, batch_no: int, payload: list) -> list[Commit]:
-        return self._get(self.actor.add.remote(batch_no, *payload))
+    def add(self, batch_no: int, payload: list) -> Future[list[Commit]]:
+        return self.actor.add.remote(batch_no, *payload).future()
 
     def close(self) -> list[Commit]:
-        import ray
-
-        try:
-            return self._get(self.actor.close.remote())
-        finally:
-            ray.kill(self.actor)
+        commits = self._get(self.actor.close.remote())
+        self.executor._writer_idle(self.actor)
+        return commits
 
     def abort(self) -> None:
         import ray
 
         try:
             ray.get(self.actor.abort.remote(), timeout=30)
-        except Exception:  # noqa: BLE001 - best effort: the retry removes what it left
-            pass
-        ray.kill(self.actor)
+            self.executor._writer_idle(self.actor)
+        except Exception:  # noqa: BLE001 - a dead writer is dropped; the retry removes what it left
+            ray.kill(self.actor)
 
 
 # ---------------------------------------------------------------------------------------------- pools
@@ -335,6 +346,8 @@ class RayExecutor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._fatal: BaseException | None = None
+        self._idle_writers: list = []
+        self._writers_guard = threading.Lock()
         self.plan_text = ""
 
     # -- lifecycle
@@ -374,6 +387,8 @@ class RayExecutor:
         return nodes
 
     def start(self) -> dict[str, Any]:
+        import ray
+
         ray_seconds = self._connect()
         t0 = time.perf_counter()
         nodes = self._nodes()
@@ -384,7 +399,11 @@ class RayExecutor:
         by_name = {p.name: p for p in self.pools}
         for r in replicas:
             by_name[r.stage].spawn(r.node_id)
+        # The partitions' shard writers start with the stages (one per partition in flight), not per partition.
+        writers = [self._new_writer() for _ in range(self.pipeline.config.run.partitions_in_flight)]
         self._wait_ready(by_name)
+        ray.get([w.ready.remote() for w in writers])
+        self._idle_writers += writers
         self._thread = threading.Thread(target=self._loop, name="lumosx-ray-dispatcher", daemon=True)
         self._thread.start()
         return {
@@ -459,6 +478,12 @@ class RayExecutor:
                     ray.kill(r.handle)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
+        for w in self._idle_writers:
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self._idle_writers = []
         self.pools = []
         if self._started_ray:
             if self.address is None:
@@ -481,7 +506,7 @@ class RayExecutor:
         self._wake.set()
         return fut
 
-    def open_writer(self, partition: int, start_seq: int) -> _RayWriter:
+    def _new_writer(self):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -491,8 +516,25 @@ class RayExecutor:
             # on a node that dies fails its whole partition (which Prefect then retries).
             node = ray.get_runtime_context().get_node_id()
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
-        actor = ray.remote(WriterActor).options(**options).remote(self.output, self.pipeline, partition, start_seq)
-        return _RayWriter(actor)
+        return ray.remote(WriterActor).options(**options).remote(self.output, self.pipeline)
+
+    def _writer_idle(self, actor) -> None:
+        with self._writers_guard:
+            self._idle_writers.append(actor)
+
+    def open_writer(self, partition: int, start_seq: int) -> _RayWriter:
+        import ray
+
+        with self._writers_guard:
+            actor = self._idle_writers.pop() if self._idle_writers else None
+        if actor is None:
+            actor = self._new_writer()
+        try:
+            ray.get(actor.open.remote(partition, start_seq))
+        except ray.exceptions.RayActorError:  # died idle (its node was lost): take a new one
+            actor = self._new_writer()
+            ray.get(actor.open.remote(partition, start_seq))
+        return _RayWriter(self, actor)
 
     # -- the dispatcher thread
     def _loop(self) -> None:

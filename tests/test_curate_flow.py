@@ -180,11 +180,12 @@ def test_sigkill_midway_then_resume_gives_same_samples(curated, videos, tmp_path
         cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.monotonic() + 600
-    # Kill once a shard is committed but the run is not over: mid-pipeline, the next shard being written.
+    # Kill once a shard is committed (its ledger part written) but the run is not over: mid-pipeline.
     while time.monotonic() < deadline and proc.poll() is None:
-        if list((out / "shards").glob("*.tar")):
+        if list((out / "work" / "ledger").glob("*.parquet")):
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     log = tmp_path / "rerun.log"  # a file, not a pipe: a killed run's orphaned server would hold a pipe open
