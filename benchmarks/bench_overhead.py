@@ -40,14 +40,15 @@ def make_variants(src_videos: list[Path], n: int, out_dir: Path) -> list[Path]:
     made = []
     for i in range(n):
         src = src_videos[i % len(src_videos)]
-        dst = out_dir / f"{src.stem}_{i:04d}.mp4"
+        dst = out_dir / f"{src.stem}_{i:04d}_v2.mp4"
         if not dst.exists():
             with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
                 vin = inp.streams.video[0]
                 w, h = vin.codec_context.width - 16, vin.codec_context.height - 16
-                stream = out.add_stream("libx264", rate=16, options={"preset": "ultrafast"})
+                crf = str(20 + (i // 256) % 8)  # with the shifts below: distinct bytes for up to 6,144 videos
+                stream = out.add_stream("libx264", rate=16, options={"preset": "ultrafast", "crf": crf})
                 stream.width, stream.height, stream.pix_fmt = w - w % 2, h - h % 2, "yuv420p"
-                dx, dy = i % 16, (i * 7) % 16
+                dx, dy = i % 16, (i // 16) % 16
                 for frame in inp.decode(vin):
                     arr = frame.to_ndarray(format="rgb24")[dy : dy + stream.height, dx : dx + stream.width]
                     for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):

@@ -26,6 +26,7 @@ from fractions import Fraction
 
 import av
 import fsspec
+import numpy as np
 from av.sidedata.sidedata import Type as FrameSideData
 from PIL import Image
 
@@ -87,6 +88,13 @@ class Orientation:
         if self.rotation:
             image = image.transpose(ops[self.rotation])
         return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.mirrored else image
+
+    def apply_array(self, frame: np.ndarray) -> np.ndarray:
+        """`apply` for an HxWxC array (contiguous result)."""
+        if self.upright:
+            return frame
+        frame = np.rot90(frame, k=-self.rotation // 90)  # np.rot90 turns counter-clockwise for k > 0
+        return np.ascontiguousarray(frame[:, ::-1] if self.mirrored else frame)
 
     def filters(self) -> list[tuple[str, str | None]]:
         """The same turn as FFmpeg filters (name, args), applied to frames in a `av.filter.Graph`."""
