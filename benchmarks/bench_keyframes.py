@@ -134,8 +134,10 @@ def main() -> None:
         print(json.dumps(r))
     print(f"{'GOP':>5} {'stage s':>8} {'limit s':>8} {'ratio':>6} {'exact':>6} {'full decode s':>14}")
     for gop, r in zip(args.gops, rows):
-        print(f"{gop:>5} {r['stage_s']:>8} {r['decode_limit_s']:>8} {r['ratio_to_limit']:>6} {str(r['frame_exact']):>6} "
-              f"{r['whole_video_decode_s']:>14}")
+        print(
+            f"{gop:>5} {r['stage_s']:>8} {r['decode_limit_s']:>8} {r['ratio_to_limit']:>6} {str(r['frame_exact']):>6} "
+            f"{r['whole_video_decode_s']:>14}"
+        )
 
 
 if __name__ == "__main__":

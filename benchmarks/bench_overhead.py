@@ -51,7 +51,9 @@ def make_variants(src_videos: list[Path], n: int, out_dir: Path) -> list[Path]:
                 dx, dy = i % 16, (i // 16) % 16
                 for frame in inp.decode(vin):
                     arr = frame.to_ndarray(format="rgb24")[dy : dy + stream.height, dx : dx + stream.width]
-                    for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
+                    for packet in stream.encode(
+                        av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
+                    ):
                         out.mux(packet)
                 for packet in stream.encode():
                     out.mux(packet)
@@ -130,8 +132,12 @@ def main() -> None:
         os.environ["LUMOSX_FLOW_CALLED_AT"] = repr(time.time())
         t0 = time.perf_counter()
         report = curate(
-            input=str(inp), output=str(Path(tmp) / "out"), profile="offline", overrides=overrides,
-            progress=False, executor=args.executor,
+            input=str(inp),
+            output=str(Path(tmp) / "out"),
+            profile="offline",
+            overrides=overrides,
+            progress=False,
+            executor=args.executor,
         )
         outer = time.perf_counter() - t0
     startup = report["startup"]

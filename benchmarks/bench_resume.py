@@ -31,7 +31,9 @@ def run_engine(inp: Path, out: Path, config) -> dict:
     from tasks.engine import Curation
     from tasks.pipeline import Pipeline
 
-    with Curation(config, str(inp), str(out), executor="local", pipeline=Pipeline.of(config, STUB_STAGES)) as c:
+    with Curation(
+        config, str(inp), str(out), executor="local", pipeline=Pipeline.of(config, STUB_STAGES)
+    ) as c:
         for part in c.partitions():
             c.run_partition(part)
         return c.finalize()
@@ -45,7 +47,9 @@ def main() -> None:
     from benchmarks.standin_stages import stub_config, write_stub_videos
 
     config = stub_config()
-    config = config.model_copy(update={"run": config.run.model_copy(update={"partition_size": 2000, "batch_size": 16})})
+    config = config.model_copy(
+        update={"run": config.run.model_copy(update={"partition_size": 2000, "batch_size": 16})}
+    )
     rows = []
     for n in args.videos:
         with tempfile.TemporaryDirectory() as tmp:
@@ -73,30 +77,38 @@ def main() -> None:
 
             flow_module.Curation = StubCuration
             try:
-                flow_module.curate(input=str(inp), output=str(out), profile="offline", progress=False,
-                                   executor="local")  # the first call starts Prefect's server: not timed
+                flow_module.curate(
+                    input=str(inp), output=str(out), profile="offline", progress=False, executor="local"
+                )  # the first call starts Prefect's server: not timed
                 t0 = time.perf_counter()
-                flow_report = flow_module.curate(input=str(inp), output=str(out), profile="offline",
-                                                 progress=False, executor="local")
+                flow_report = flow_module.curate(
+                    input=str(inp), output=str(out), profile="offline", progress=False, executor="local"
+                )
                 flow_s = time.perf_counter() - t0
             finally:
                 flow_module.Curation = original
             assert flow_report["samples_written_this_run"] == 0
             work_files = sum(len(files) for _, _, files in os.walk(out / "work"))
-            rows.append({
-                "videos": n,
-                "first_run_s": round(first_s, 2),
-                "noop_engine_ms_per_video": round(1000 * engine_s / n, 3),
-                "noop_flow_ms_per_video": round(1000 * flow_s / n, 3),
-                "partitions": first["partitions"],
-                "shards": first["shards"],
-                "work_files": work_files,
-            })
+            rows.append(
+                {
+                    "videos": n,
+                    "first_run_s": round(first_s, 2),
+                    "noop_engine_ms_per_video": round(1000 * engine_s / n, 3),
+                    "noop_flow_ms_per_video": round(1000 * flow_s / n, 3),
+                    "partitions": first["partitions"],
+                    "shards": first["shards"],
+                    "work_files": work_files,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
-    print(f"{'videos':>7} {'engine ms/video':>16} {'flow ms/video':>14} {'partitions':>11} {'shards':>7} {'work files':>11}")
+    print(
+        f"{'videos':>7} {'engine ms/video':>16} {'flow ms/video':>14} {'partitions':>11} {'shards':>7} {'work files':>11}"
+    )
     for r in rows:
-        print(f"{r['videos']:>7} {r['noop_engine_ms_per_video']:>16} {r['noop_flow_ms_per_video']:>14} "
-              f"{r['partitions']:>11} {r['shards']:>7} {r['work_files']:>11}")
+        print(
+            f"{r['videos']:>7} {r['noop_engine_ms_per_video']:>16} {r['noop_flow_ms_per_video']:>14} "
+            f"{r['partitions']:>11} {r['shards']:>7} {r['work_files']:>11}"
+        )
 
 
 if __name__ == "__main__":

@@ -48,31 +48,47 @@ def main() -> None:
             while replicas <= total:
                 log = Path(tmp) / f"loads_{replicas}.txt"
                 cfg = stub_config(sleep_s=args.sleep, load_log=str(log))
-                run = cfg.run.model_validate({
-                    **cfg.run.model_dump(), "batch_size": 1, "batches_in_flight": 4 * total, "partition_size": 10**6,
-                    "stages": {
-                        "ingest": {"num_cpus": 1, "replicas": {"max": 1}, "seconds_per_video": 0.001},
-                        "caption": {"num_cpus": 0, "num_gpus": 1, "replicas": {"max": replicas},
-                                    "seconds_per_video": args.sleep},
-                        "sample": {"num_cpus": 1, "replicas": {"max": 1}, "seconds_per_video": 0.001},
-                    },
-                })
+                run = cfg.run.model_validate(
+                    {
+                        **cfg.run.model_dump(),
+                        "batch_size": 1,
+                        "batches_in_flight": 4 * total,
+                        "partition_size": 10**6,
+                        "stages": {
+                            "ingest": {"num_cpus": 1, "replicas": {"max": 1}, "seconds_per_video": 0.001},
+                            "caption": {
+                                "num_cpus": 0,
+                                "num_gpus": 1,
+                                "replicas": {"max": replicas},
+                                "seconds_per_video": args.sleep,
+                            },
+                            "sample": {"num_cpus": 1, "replicas": {"max": 1}, "seconds_per_video": 0.001},
+                        },
+                    }
+                )
                 cfg = cfg.model_copy(update={"run": run})
-                engine = Curation(cfg, f"{tmp}/in", f"{tmp}/out{replicas}", executor="ray",
-                                  pipeline=Pipeline.of(cfg, STUB_STAGES))
+                engine = Curation(
+                    cfg,
+                    f"{tmp}/in",
+                    f"{tmp}/out{replicas}",
+                    executor="ray",
+                    pipeline=Pipeline.of(cfg, STUB_STAGES),
+                )
                 engine.keep_served = True
                 with engine:
                     for part in engine.partitions():
                         engine.run_partition(part)
                     report = engine.finalize()
                 served = {(s["node"], tuple(s["gpus"])) for s in engine.served if s["stage"] == "caption"}
-                rows.append({
-                    "replicas": replicas,
-                    "work_s": report["work_seconds"],
-                    "gpus_serving": len(served),
-                    "model_loads": len(log.read_text().split()),
-                    "samples": report["samples"],
-                })
+                rows.append(
+                    {
+                        "replicas": replicas,
+                        "work_s": report["work_seconds"],
+                        "gpus_serving": len(served),
+                        "model_loads": len(log.read_text().split()),
+                        "samples": report["samples"],
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
                 replicas *= 2
     finally:
@@ -81,8 +97,10 @@ def main() -> None:
     base = rows[0]["work_s"]
     print(f"{'replicas':>9} {'work s':>7} {'speed-up':>9} {'GPUs serving':>13} {'model loads':>12}")
     for r in rows:
-        print(f"{r['replicas']:>9} {r['work_s']:>7} {base / r['work_s']:>9.2f} {r['gpus_serving']:>13} "
-              f"{r['model_loads']:>12}")
+        print(
+            f"{r['replicas']:>9} {r['work_s']:>7} {base / r['work_s']:>9.2f} {r['gpus_serving']:>13} "
+            f"{r['model_loads']:>12}"
+        )
 
 
 if __name__ == "__main__":

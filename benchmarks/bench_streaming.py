@@ -30,10 +30,12 @@ def first_shard(n: int, maxcount: int) -> dict:
     from tasks.pipeline import Pipeline
 
     cfg = stub_config(sleep_s=0.01)
-    cfg = cfg.model_copy(update={
-        "run": cfg.run.model_copy(update={"partition_size": n, "batch_size": 4}),
-        "shards": cfg.shards.model_copy(update={"maxcount": maxcount}),
-    })
+    cfg = cfg.model_copy(
+        update={
+            "run": cfg.run.model_copy(update={"partition_size": n, "batch_size": 4}),
+            "shards": cfg.shards.model_copy(update={"maxcount": maxcount}),
+        }
+    )
     marks: list[tuple[float, int]] = []
     original = Curation._record
 
@@ -41,7 +43,9 @@ def first_shard(n: int, maxcount: int) -> dict:
         original(self, summary, commits, finished)
         for c in commits:
             if c.shard is not None:
-                with tarfile.open(self.output.path(f"shards/{c.shard.url}")) as t:  # readable while the run goes on
+                with tarfile.open(
+                    self.output.path(f"shards/{c.shard.url}")
+                ) as t:  # readable while the run goes on
                     t.getnames()
                 marks.append((time.perf_counter(), self.progress.finished))
 
@@ -49,15 +53,21 @@ def first_shard(n: int, maxcount: int) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             write_stub_videos(f"{tmp}/in", n)
-            with Curation(cfg, f"{tmp}/in", f"{tmp}/out", executor="local", pipeline=Pipeline.of(cfg, STUB_STAGES)) as c:
+            with Curation(
+                cfg, f"{tmp}/in", f"{tmp}/out", executor="local", pipeline=Pipeline.of(cfg, STUB_STAGES)
+            ) as c:
                 for part in c.partitions():
                     c.run_partition(part)
                 c.finalize()
     finally:
         Curation._record = original
-    return {"videos": n, "maxcount": maxcount, "shards": len(marks),
-            "done_at_first_shard": round(marks[0][1] / n, 3),
-            "done_at_shards": [round(m[1] / n, 2) for m in marks[:: max(1, len(marks) // 6)]]}
+    return {
+        "videos": n,
+        "maxcount": maxcount,
+        "shards": len(marks),
+        "done_at_first_shard": round(marks[0][1] / n, 3),
+        "done_at_shards": [round(m[1] / n, 2) for m in marks[:: max(1, len(marks) // 6)]],
+    }
 
 
 def index_costs(sizes: list[int]) -> list[dict]:
@@ -69,8 +79,14 @@ def index_costs(sizes: list[int]) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             out = OutputDir(tmp)
             entries = [
-                ShardEntry(url=f"shard-000000-{i:06d}.tar", count=1000, num_bytes=2_000_000_000, sha256="0" * 64,
-                           keys=[f"v{i:06d}{k:014d}" for k in range(1000)], sample_fingerprints={})
+                ShardEntry(
+                    url=f"shard-000000-{i:06d}.tar",
+                    count=1000,
+                    num_bytes=2_000_000_000,
+                    sha256="0" * 64,
+                    keys=[f"v{i:06d}{k:014d}" for k in range(1000)],
+                    sample_fingerprints={},
+                )
                 for i in range(n + 1)
             ]
             for e in entries[:n]:
@@ -81,8 +97,14 @@ def index_costs(sizes: list[int]) -> list[dict]:
             t0 = time.perf_counter()
             out.write_bytes(INDEX, ShardIndex(shards=entries).model_dump_json().encode())
             rewrite_ms = 1000 * (time.perf_counter() - t0)
-            rows.append({"shards": n, "append_ms": round(append_ms, 3), "rewrite_whole_index_ms": round(rewrite_ms, 1),
-                         "index_jsonl_mb": round(os.path.getsize(out.path(INDEX_LINES)) / 2**20, 1)})
+            rows.append(
+                {
+                    "shards": n,
+                    "append_ms": round(append_ms, 3),
+                    "rewrite_whole_index_ms": round(rewrite_ms, 1),
+                    "index_jsonl_mb": round(os.path.getsize(out.path(INDEX_LINES)) / 2**20, 1),
+                }
+            )
     return rows
 
 
@@ -95,7 +117,9 @@ def main() -> None:
     print(json.dumps(first_shard(args.videos, args.maxcount)))
     print(f"{'shards':>7} {'append ms':>10} {'rewrite ms':>11} {'index.jsonl MB':>15}")
     for r in index_costs(args.shards):
-        print(f"{r['shards']:>7} {r['append_ms']:>10} {r['rewrite_whole_index_ms']:>11} {r['index_jsonl_mb']:>15}")
+        print(
+            f"{r['shards']:>7} {r['append_ms']:>10} {r['rewrite_whole_index_ms']:>11} {r['index_jsonl_mb']:>15}"
+        )
 
 
 if __name__ == "__main__":

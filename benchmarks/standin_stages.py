@@ -59,8 +59,16 @@ class StubIngest(Stage[VideoRecord]):
             vid = "v" + hashlib.blake2b(head, digest_size=10).hexdigest()
             ctx.source = ctx.source.model_copy(update={"video_id": vid})
             out[key] = VideoRecord(
-                video_id=vid, uri=ctx.uri, size_bytes=len(head), container="stub", codec="stub",
-                width=64, height=64, fps=16.0, duration_s=1.0, num_frames=16,
+                video_id=vid,
+                uri=ctx.uri,
+                size_bytes=len(head),
+                container="stub",
+                codec="stub",
+                width=64,
+                height=64,
+                fps=16.0,
+                duration_s=1.0,
+                num_frames=16,
             )
         return out
 
@@ -91,7 +99,9 @@ class StubModel(Stage[CaptionRecord]):
         info = ModelInfo(backend="stub", model_id=f"pid {os.getpid()} gpus {gpus}")
         tag = knobs(self.config).get("tag", "")
         return {
-            c.video_id: CaptionRecord(video_id=c.video_id, caption=f"a video {tag}".strip(), source="model", model=info)
+            c.video_id: CaptionRecord(
+                video_id=c.video_id, caption=f"a video {tag}".strip(), source="model", model=info
+            )
             for c in videos
         }
 
@@ -106,13 +116,27 @@ class StubSample(Stage[SampleRecord]):
         out: dict[str, SampleRecord | StageError] = {}
         for ctx in videos:
             caption = ctx.record("caption", CaptionRecord).caption
-            meta = json.dumps({"key": ctx.video_id, "uri": ctx.uri, "caption": caption}, sort_keys=True).encode()
+            meta = json.dumps(
+                {"key": ctx.video_id, "uri": ctx.uri, "caption": caption}, sort_keys=True
+            ).encode()
             ctx.output = {"caption.txt": caption.encode(), "meta.json": meta}
             v = ctx.video
             out[ctx.video_id] = SampleRecord(
-                key=ctx.video_id, members=sorted(ctx.output), schema_version=1, video_id=v.video_id, uri=v.uri,
-                caption=caption, caption_source="model", num_persons=0, num_faces=0, duration_s=v.duration_s,
-                fps=v.fps, width=v.width, height=v.height, num_bytes=len(meta) + len(caption), random_weights=False,
+                key=ctx.video_id,
+                members=sorted(ctx.output),
+                schema_version=1,
+                video_id=v.video_id,
+                uri=v.uri,
+                caption=caption,
+                caption_source="model",
+                num_persons=0,
+                num_faces=0,
+                duration_s=v.duration_s,
+                fps=v.fps,
+                width=v.width,
+                height=v.height,
+                num_bytes=len(meta) + len(caption),
+                random_weights=False,
                 config_fingerprint=self.config.data_fingerprint(),
             )
         return out
@@ -123,9 +147,7 @@ STUB_STAGES = [StubIngest, StubModel, StubSample]
 
 def stub_config(**standin: Any) -> CurateConfig:
     """The `test` profile's run settings around the stand-ins (identity-only, CPU)."""
-    return load_config(
-        "offline", {"extra": {"standin": standin}, "run": {"batch_size": 4, "retries": 0}}
-    )
+    return load_config("offline", {"extra": {"standin": standin}, "run": {"batch_size": 4, "retries": 0}})
 
 
 def write_stub_videos(directory: str, n: int, *, prefix: str = "video") -> list[str]:

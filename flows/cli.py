@@ -56,9 +56,15 @@ def _exit_code(report: dict[str, Any]) -> int:
 def _print_summary(report: dict[str, Any], output: str) -> None:
     keys = ("samples", "shards", "videos_found", "videos_failed", "failures_by_reason")
     print(json.dumps({k: report[k] for k in keys}))
-    print(f"shards, index.json, manifest.parquet, failures.parquet and report.json are in {output}", file=sys.stderr)
+    print(
+        f"shards, index.json, manifest.parquet, failures.parquet and report.json are in {output}",
+        file=sys.stderr,
+    )
     if report["random_weight_samples"]:
-        print(f"WARNING: {report['random_weight_samples']} samples were made with RANDOM WEIGHTS", file=sys.stderr)
+        print(
+            f"WARNING: {report['random_weight_samples']} samples were made with RANDOM WEIGHTS",
+            file=sys.stderr,
+        )
 
 
 def _preflight(args: argparse.Namespace, input: str):
@@ -70,8 +76,10 @@ def _preflight(args: argparse.Namespace, input: str):
         try:
             import ray  # noqa: F401
         except ImportError:
-            raise PreflightError(EX_CONFIG, "the Ray executor needs ray: pip install 'ray[default]' "
-                                 "(or run with --executor local)") from None
+            raise PreflightError(
+                EX_CONFIG,
+                "the Ray executor needs ray: pip install 'ray[default]' (or run with --executor local)",
+            ) from None
     return config
 
 
@@ -194,21 +202,35 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lumosx-curate", description=__doc__.splitlines()[0],
-                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = _Parser(
+        prog="lumosx-curate",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     def common(p: argparse.ArgumentParser, default_profile: str) -> None:
-        p.add_argument("--profile", default=default_profile, help="paper | offline | test | path to a YAML profile")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+        p.add_argument(
+            "--profile", default=default_profile, help="paper | offline | test | path to a YAML profile"
+        )
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable"
+        )
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument(
-            "--executor", choices=["ray", "local"], default="ray",
+            "--executor",
+            choices=["ray", "local"],
+            default="ray",
             help="ray: stage actor pools on a Ray cluster (default; a local Ray without --ray-address); "
             "local: every stage in this process",
         )
-        p.add_argument("--ray-address", default=None, help="auto, or ray://head:10001 (default: start a local Ray)")
-        p.add_argument("--log-level", default="WARNING", help="logging level of this process (default WARNING)")
+        p.add_argument(
+            "--ray-address", default=None, help="auto, or ray://head:10001 (default: start a local Ray)"
+        )
+        p.add_argument(
+            "--log-level", default="WARNING", help="logging level of this process (default WARNING)"
+        )
 
     run = sub.add_parser("run", help="curate a folder, glob or fsspec URL of videos")
     run.add_argument("input")
@@ -239,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("output")
     bb.add_argument("--mix", type=int, nargs=3, default=[220, 230, 50], metavar=("ONE", "TWO", "THREE"))
     bb.add_argument("--seed", type=int, default=0)
-    bb.add_argument("--train-shards", default=None, help="shards used for training, to keep out of the test set")
+    bb.add_argument(
+        "--train-shards", default=None, help="shards used for training, to keep out of the test set"
+    )
     bb.add_argument("--overwrite", action="store_true")
     bb.set_defaults(func=_build_benchmark)
 

@@ -131,9 +131,7 @@ def curate(
     if error is not None:
         reason = engine.aborted or f"{type(error).__name__}: {error}"
         kept = f" ({report['samples']} samples)" if report is not None else ""
-        message = (
-            f"stopped early: {reason}. Everything committed is kept{kept}; fix the cause and run again to finish"
-        )
+        message = f"stopped early: {reason}. Everything committed is kept{kept}; fix the cause and run again to finish"
         log.error(message)
         return Failed(message=message, data=error)  # the CLI maps the error to its exit code
     message = (
@@ -267,13 +265,17 @@ def _publish(report: dict[str, Any], engine: Curation) -> None:
     """The run report as a markdown artifact and the failed videos as a table artifact, keyed per output."""
     slug = _slug(engine.output.url)
     with contextlib.suppress(Exception):  # the report is on disk too
-        create_markdown_artifact(_report_markdown(report), key=f"curate-report-{slug}", description="curate run")
+        create_markdown_artifact(
+            _report_markdown(report), key=f"curate-report-{slug}", description="curate run"
+        )
         rows = [
             {"file": f.uri, "stage": f.stage, "reason": f.error_class, "message": f.message[:300]}
             for f in engine.failures[:1000]
         ]
         if rows:
-            create_table_artifact(rows, key=f"curate-failures-{slug}", description="failed videos (first 1000)")
+            create_table_artifact(
+                rows, key=f"curate-failures-{slug}", description="failed videos (first 1000)"
+            )
 
 
 def _report_markdown(report: dict[str, Any]) -> str:
@@ -287,7 +289,10 @@ def _report_markdown(report: dict[str, Any]) -> str:
     if report["aborted"]:
         lines += [f"**STOPPED EARLY**: {report['aborted']}", ""]
     if report["random_weight_samples"]:
-        lines += [f"**RANDOM WEIGHTS** made {report['random_weight_samples']} samples: not training data.", ""]
+        lines += [
+            f"**RANDOM WEIGHTS** made {report['random_weight_samples']} samples: not training data.",
+            "",
+        ]
     lines += [
         "| stage | processed | reused | failed | busy s | s/video | replicas |",
         "|---|---:|---:|---|---:|---:|---:|",

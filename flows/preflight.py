@@ -44,7 +44,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise PreflightError(EX_USAGE, f"--set {pair!r}: the value is not valid YAML ({e.problem})") from None
+            raise PreflightError(
+                EX_USAGE, f"--set {pair!r}: the value is not valid YAML ({e.problem})"
+            ) from None
         node = out
         *parents, leaf = path.split(".")
         for p in parents:
@@ -92,7 +94,9 @@ def check_config(profile: str, overrides: dict[str, Any]) -> CurateConfig:
     except FileNotFoundError as e:
         raise PreflightError(EX_CONFIG, str(e)) from None
     except ValidationError as e:
-        raise PreflightError(EX_CONFIG, describe_validation_error(e) + "; fix the --set value or the profile") from None
+        raise PreflightError(
+            EX_CONFIG, describe_validation_error(e) + "; fix the --set value or the profile"
+        ) from None
     except yaml.YAMLError as e:
         raise PreflightError(EX_CONFIG, f"profile {profile!r} is not valid YAML: {e}") from None
 
@@ -136,7 +140,9 @@ def check_output(output: str) -> None:
         return
     path = Path(local_path(output))
     if path.exists() and not path.is_dir():
-        raise PreflightError(EX_CANTCREAT, f"output {output} is a file; give a directory (new or from an earlier run)")
+        raise PreflightError(
+            EX_CANTCREAT, f"output {output} is a file; give a directory (new or from an earlier run)"
+        )
     parent = path
     while not parent.exists():
         parent = parent.parent

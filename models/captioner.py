@@ -27,7 +27,6 @@ from typing import Any, Protocol
 from PIL import Image
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device, resolve_dtype
-from models.weights import DEFAULTS
 from models.qwen_vl import (
     QwenVL,
     batched,
@@ -36,6 +35,7 @@ from models.qwen_vl import (
     load_error,
     tiny_byte_tokenizer,
 )
+from models.weights import DEFAULTS
 from schemas.records import ModelInfo
 
 logger = logging.getLogger(__name__)

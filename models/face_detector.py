@@ -29,8 +29,8 @@ import numpy as np
 from scipy.special import expit
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device
-from models.weights import DEFAULTS
 from models.person_detector import box_in_image, check_images, pad_bottom_right
+from models.weights import DEFAULTS
 from schemas.records import Box
 
 logger = logging.getLogger(__name__)

@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device, resolve_dtype
-from models.weights import DEFAULTS
 from models.tiny_vocab import TINY_WORDS
+from models.weights import DEFAULTS
 from schemas.records import Box
 
 logger = logging.getLogger(__name__)

@@ -99,7 +99,9 @@ class YoloPersonDetector:
         if spec.trust_remote_code:
             logger.info("trust_remote_code has no effect on YOLO weights")
         source = (
-            spec.options.get("config", "yolov8n.yaml") if spec.random_init else (spec.weights or DEFAULTS["yolo"])
+            spec.options.get("config", "yolov8n.yaml")
+            if spec.random_init
+            else (spec.weights or DEFAULTS["yolo"])
         )
         try:
             model = YOLO(source)

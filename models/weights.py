@@ -74,7 +74,11 @@ def missing(spec: ModelSpec) -> str | None:
     if weights is None:
         return None
     if backend == "sam":
-        return None if Path(weights).is_file() else f"sam checkpoint {weights} is not a file (see flows/profiles/paper.yaml)"
+        return (
+            None
+            if Path(weights).is_file()
+            else f"sam checkpoint {weights} is not a file (see flows/profiles/paper.yaml)"
+        )
     if backend == "yolo":
         if Path(weights).is_file() or _ultralytics_has(weights):
             return None
@@ -89,7 +93,9 @@ def missing(spec: ModelSpec) -> str | None:
             return None
         if hub_reachable():
             return None
-        return f"{backend} weights {weights} are not in the local Hugging Face cache and the hub is unreachable"
+        return (
+            f"{backend} weights {weights} are not in the local Hugging Face cache and the hub is unreachable"
+        )
     return None
 
 

@@ -120,7 +120,17 @@ class ShardConfig(Section):
     )
 
 
-STAGE_NAMES = ("ingest", "keyframes", "caption", "persons", "faces", "entities", "masks", "background", "sample")
+STAGE_NAMES = (
+    "ingest",
+    "keyframes",
+    "caption",
+    "persons",
+    "faces",
+    "entities",
+    "masks",
+    "background",
+    "sample",
+)
 """Every stage a run can have, in run order (tasks/pipeline.py says which run for a configuration)."""
 
 
@@ -163,7 +173,9 @@ class RunConfig(Section):
     )
     partitions_in_flight: int = Field(2, ge=1, description="partitions streaming through the stages at once")
     batches_in_flight: int = Field(
-        8, ge=1, description="batches of one partition between its source and its shard writer (bounds memory)"
+        8,
+        ge=1,
+        description="batches of one partition between its source and its shard writer (bounds memory)",
     )
     retries: int = Field(
         2, ge=0, description="retries of a batch on transient errors (CUDA OOM, I/O), and of a partition"

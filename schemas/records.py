@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -233,7 +233,9 @@ class Person(Record):
         "detector", description="'face': no person detection; box extrapolated from a face found outside them"
     )
     face: FaceDetection | None = None
-    face_path: str | None = Field(None, description="bounding-box face crop (PNG), by name in the video's media")
+    face_path: str | None = Field(
+        None, description="bounding-box face crop (PNG), by name in the video's media"
+    )
     no_face_reason: str | None = None
 
     @property
@@ -259,4 +261,4 @@ class FailureRecord(Record):
     stage: str
     error_class: str
     message: str
-    time: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    time: datetime = Field(default_factory=lambda: datetime.now(UTC))

@@ -184,7 +184,9 @@ class VideoContext:
         if rec is None:
             raise LookupError(f"{self.video_id}: no {name} record (run the {name} stage first)")
         if rtype is not None and not isinstance(rec, rtype):
-            raise TypeError(f"{self.video_id}: the {name} record is a {type(rec).__name__}, not {rtype.__name__}")
+            raise TypeError(
+                f"{self.video_id}: the {name} record is a {type(rec).__name__}, not {rtype.__name__}"
+            )
         return rec  # type: ignore[return-value]
 
     # -- media
@@ -195,7 +197,9 @@ class VideoContext:
 
     def _raw(self, name: str | None) -> Media:
         if name is None or name not in self.media:
-            raise StageError("missing_media", f"{self.video_id}: no image {name!r} (its stage did not make one)")
+            raise StageError(
+                "missing_media", f"{self.video_id}: no image {name!r} (its stage did not make one)"
+            )
         return self.media[name]
 
     def pil(self, name: str | None) -> Image.Image:
@@ -207,7 +211,9 @@ class VideoContext:
             with Image.open(io.BytesIO(data)) as im:
                 return im.convert("RGB")
         except (OSError, UnidentifiedImageError) as e:
-            raise StageError("unreadable_media", f"{self.video_id}: image {name!r} cannot be decoded: {e}") from e
+            raise StageError(
+                "unreadable_media", f"{self.video_id}: image {name!r} cannot be decoded: {e}"
+            ) from e
 
     def rgb(self, name: str | None) -> np.ndarray:
         """The image `name` as an HxWx3 uint8 RGB array (no copy for raw keyframes)."""

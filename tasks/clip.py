@@ -104,7 +104,11 @@ def make_clip(uri: str, video: VideoRecord, cfg: ClipConfig) -> tuple[bytes, Cli
             with fsspec.open(uri, "rb") as f:
                 data = f.read()
         info = ClipInfo(
-            mode="copy", codec=video.codec, width=video.width, height=video.height, fps=video.fps,
+            mode="copy",
+            codec=video.codec,
+            width=video.width,
+            height=video.height,
+            fps=video.fps,
             size_bytes=len(data),
         )
         return data, info
@@ -121,7 +125,11 @@ def make_clip(uri: str, video: VideoRecord, cfg: ClipConfig) -> tuple[bytes, Cli
     finally:
         os.unlink(tmp)
     info = ClipInfo(
-        mode="transcode", codec="h264" if encoder == "libx264" else encoder, width=w, height=h, fps=fps,
+        mode="transcode",
+        codec="h264" if encoder == "libx264" else encoder,
+        width=w,
+        height=h,
+        fps=fps,
         size_bytes=len(data),
     )
     return data, info

@@ -29,7 +29,6 @@ import posixpath
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from schemas.records import FailureRecord, SourceFile
 
@@ -72,7 +71,9 @@ def discover(source: str, extensions: Iterable[str], *, exclude: Iterable[str] =
     """Everything found under `source`, in a stable order. Raises `InputError` when `source` is unusable."""
     exts = normalize_extensions(extensions)
     if is_local(source):
-        yield from _discover_local(local_path(source), exts, [os.path.abspath(local_path(e)) for e in exclude])
+        yield from _discover_local(
+            local_path(source), exts, [os.path.abspath(local_path(e)) for e in exclude]
+        )
     else:
         yield from _discover_remote(source, exts)
 
@@ -99,7 +100,9 @@ def _discover_local(source: str, exts: tuple[str, ...], exclude: list[str]) -> I
     elif stat.S_ISREG(st.st_mode):
         parent = os.path.dirname(source)
         names = set(_listdir_quiet(parent))
-        yield from _local_file(source, os.path.basename(source), names, os.path.dirname(real_root), exts, False)
+        yield from _local_file(
+            source, os.path.basename(source), names, os.path.dirname(real_root), exts, False
+        )
     else:
         raise InputError(f"input {source} is neither a directory, a regular file nor a glob")
 
@@ -196,7 +199,11 @@ def _local_sidecar(
     try:
         st = os.stat(sidecar)
     except FileNotFoundError:
-        return (None, None, "its caption file is a broken symlink") if os.path.islink(sidecar) else (None, None, None)
+        return (
+            (None, None, "its caption file is a broken symlink")
+            if os.path.islink(sidecar)
+            else (None, None, None)
+        )
     except OSError as e:
         return None, None, f"its caption file {txt} cannot be read: {e.strerror or e}"
     if not stat.S_ISREG(st.st_mode):
@@ -266,15 +273,3 @@ def _remote_version(info: dict) -> str:
         if info.get(key):
             return f"{info.get('size')}:{info[key]}"
     return str(info.get("size"))
-
-
-def count_found(found: Iterable[Found]) -> dict[str, int]:
-    """How many of each kind (tests and the report use it)."""
-    out = {"files": 0, "failures": 0, "skips": 0}
-    for f in found:
-        out["files" if isinstance(f, SourceFile) else "failures" if isinstance(f, FailureRecord) else "skips"] += 1
-    return out
-
-
-def parent_dir(path: str) -> Path:
-    return Path(path).parent

@@ -285,7 +285,9 @@ class Curation:
         executor = self.ensure_executor()
         done, start_seq = self._committed(part.number)
         sources = [s for s in part.sources if s.uri not in done]
-        summary = PartitionSummary(number=part.number, videos=len(part.sources), resumed=len(part.sources) - len(sources))
+        summary = PartitionSummary(
+            number=part.number, videos=len(part.sources), resumed=len(part.sources) - len(sources)
+        )
         batch_size = self.config.run.batch_size
         batches = [sources[i : i + batch_size] for i in range(0, len(sources), batch_size)]
         writer = executor.open_writer(part.number, start_seq)
@@ -297,7 +299,10 @@ class Curation:
             while todo or inflight:
                 while todo and len(inflight) < self.config.run.batches_in_flight and not self._abort.is_set():
                     number, srcs = todo.pop()
-                    inflight[executor.submit(Batch(part.number, number, srcs, self._verdicts))] = ("stage", number)
+                    inflight[executor.submit(Batch(part.number, number, srcs, self._verdicts))] = (
+                        "stage",
+                        number,
+                    )
                 if self._abort.is_set():
                     raise EnvironmentFault(self.aborted or "the run was stopped")
                 finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
@@ -404,7 +409,8 @@ class Curation:
             "videos_failed": len({f.uri for f in dataset.failures}),
             "failures_by_reason": dict(sorted(failures.items())),
             "skipped": {
-                reason: {"count": len(uris), "examples": uris[:SKIP_EXAMPLES]} for reason, uris in sorted(self.skips.items())
+                reason: {"count": len(uris), "examples": uris[:SKIP_EXAMPLES]}
+                for reason, uris in sorted(self.skips.items())
             },
             "samples": dataset.samples,
             "shards": dataset.shards,

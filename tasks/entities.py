@@ -394,7 +394,9 @@ class EntitiesStage(Stage[EntitiesRecord]):
         if not frames:
             raise StageError("no_keyframe", "the persons' keyframes are missing from the keyframes record")
         images = [
-            draw_person_prior(ctx.pil(keyframes[k].path), [(p.person_id, p.boxes[k]) for p in persons if k in p.boxes])
+            draw_person_prior(
+                ctx.pil(keyframes[k].path), [(p.person_id, p.boxes[k]) for p in persons if k in p.boxes]
+            )
             for k in frames
         ]
         cfg = self.config.entities
@@ -403,9 +405,7 @@ class EntitiesStage(Stage[EntitiesRecord]):
             self.template, caption, person_ids, len(images), cfg.max_subjects, cfg.max_attributes
         )
         content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
-        return _Job(
-            ctx.video_id, caption, person_ids, frames, [{"role": "user", "content": content}]
-        )
+        return _Job(ctx.video_id, caption, person_ids, frames, [{"role": "user", "content": content}])
 
     def process(self, videos: list[VideoContext]) -> dict[str, EntitiesRecord | StageError]:
         if self.generator is None:

@@ -424,7 +424,9 @@ def read_sidecar(source: SourceFile, cfg: IngestConfig) -> str | None:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise StageError("bad_sidecar", f"{source.uri}: its caption file is not UTF-8 text ({e.reason})") from e
+        raise StageError(
+            "bad_sidecar", f"{source.uri}: its caption file is not UTF-8 text ({e.reason})"
+        ) from e
     if _CONTROL.search(text):
         raise StageError("bad_sidecar", f"{source.uri}: its caption file holds binary data, not text")
     return text.strip() or None

@@ -23,7 +23,7 @@ import posixpath
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -315,8 +315,10 @@ class Claims:
                 # The owner is gone: this is the same video, renamed or moved. Its sample stays where it is.
                 self._owner[vid] = uri
                 row = index.latest.get(owner)
-                if row is not None and row.outcome in ("sample", "alias") and (
-                    row.fingerprint == pipeline.final_fingerprint
+                if (
+                    row is not None
+                    and row.outcome in ("sample", "alias")
+                    and (row.fingerprint == pipeline.final_fingerprint)
                 ):
                     out[uri] = ("alias", vid)
         return out
@@ -329,5 +331,5 @@ def failure_from_row(row: dict[str, Any]) -> FailureRecord:
         stage=row["stage"],
         error_class=row["error_class"],
         message=row["message"] or "",
-        time=row["time"] or datetime.now(timezone.utc),
+        time=row["time"] or datetime.now(UTC),
     )

@@ -13,6 +13,7 @@ The file holds the owner's host, pid, start time and run id, so the refusal says
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -21,7 +22,7 @@ import socket
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from tasks.output import LOCK, OutputDir
 
@@ -55,7 +56,7 @@ def _owner(run_id: str) -> dict:
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "run_id": run_id,
         "heartbeat": time.time(),
     }
@@ -185,7 +186,5 @@ class OutputLock:
         while not self._stop.wait(HEARTBEAT_S):
             owner = _owner(self.run_id)
             owner["started"] = started or owner["started"]
-            try:
+            with contextlib.suppress(OSError):  # a missed beat is survivable; STALE_S is four beats
                 self.output.write_bytes(LOCK, json.dumps(owner).encode())
-            except OSError:
-                pass  # a missed beat is survivable; STALE_S is four beats

@@ -67,7 +67,9 @@ class MaskFrame(Record):
     box: Box | None = Field(None, description="the prompt box: grounding box, or the person box for a person")
     score: float | None = Field(None, description="grounding score (persons: the person detector's score)")
     mask_score: float | None = Field(None, description="SAM's predicted IoU")
-    mask: str | None = Field(None, description="1-bit full-frame PNG, by name in the video's media (valid only)")
+    mask: str | None = Field(
+        None, description="1-bit full-frame PNG, by name in the video's media (valid only)"
+    )
     check: MaskCheck | None = None
     reason: str | None = Field(None, description="None = valid; else why this keyframe gives no mask")
 

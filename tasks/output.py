@@ -99,7 +99,9 @@ class OutputDir:
             infos = self.fs.ls(self.path(rel), detail=True)
         except FileNotFoundError:
             return {}
-        return {posixpath.basename(i["name"]): int(i.get("size") or 0) for i in infos if i.get("type") == "file"}
+        return {
+            posixpath.basename(i["name"]): int(i.get("size") or 0) for i in infos if i.get("type") == "file"
+        }
 
     # -- writing
     def makedirs(self, rel: str) -> None:
@@ -117,7 +119,9 @@ class OutputDir:
             return
         final = self.path(rel)
         os.makedirs(os.path.dirname(final), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.path.basename(final)}-", dir=os.path.dirname(final))
+        fd, tmp = tempfile.mkstemp(
+            prefix=f"{TMP_PREFIX}{os.path.basename(final)}-", dir=os.path.dirname(final)
+        )
         try:
             with os.fdopen(fd, "wb") as f:
                 yield f

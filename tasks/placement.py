@@ -71,9 +71,7 @@ class Replica:
     gpus: tuple[int, ...] = ()
 
 
-def plan(
-    nodes: list[NodeCapacity], stages: dict[str, StageResources], order: list[str]
-) -> list[Replica]:
+def plan(nodes: list[NodeCapacity], stages: dict[str, StageResources], order: list[str]) -> list[Replica]:
     """Replicas per stage and node (see the module docstring). `order` is the pipeline's stage order."""
     free = [NodeCapacity(n.node_id, n.cpus, n.gpus, n.memory_gb, list(n.gpu_free)) for n in nodes]
     out: list[Replica] = []
@@ -87,7 +85,11 @@ def plan(
             if slots is None:
                 continue
             # GPU stages: the tightest GPU fit; CPU stages: the node with the most free CPUs (spread them).
-            rank = (min((node.gpu_free[i] for i in slots), default=0.0), -node.cpus) if slots else (0.0, -node.cpus)
+            rank = (
+                (min((node.gpu_free[i] for i in slots), default=0.0), -node.cpus)
+                if slots
+                else (0.0, -node.cpus)
+            )
             if best is None or rank < best[0]:
                 best = (rank, node, slots)
         if best is None:

@@ -27,6 +27,7 @@ How it runs:
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -83,7 +84,9 @@ class _LocalRay:
     def __init__(self, options: dict[str, Any]):
         self.started: Future = Future()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._host, args=(options,), name="lumosx-local-ray", daemon=True)
+        self._thread = threading.Thread(
+            target=self._host, args=(options,), name="lumosx-local-ray", daemon=True
+        )
         self._thread.start()
 
     def _host(self, options: dict[str, Any]) -> None:
@@ -191,7 +194,9 @@ class WriterActor:
         return True
 
     def open(self, partition: int, start_seq: int) -> None:
-        self.writer = PartitionWriter(self.output, self.pipeline, partition, start_seq, self.pipeline.config.shards)
+        self.writer = PartitionWriter(
+            self.output, self.pipeline, partition, start_seq, self.pipeline.config.shards
+        )
 
     def add(self, batch_no: int, *parts: list[VideoContext]) -> list[Commit]:
         assert self.writer is not None, "open() first"
@@ -276,7 +281,11 @@ class _Pool:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        options: dict[str, Any] = {"num_cpus": self.res.num_cpus, "num_gpus": self.res.num_gpus, "max_restarts": 0}
+        options: dict[str, Any] = {
+            "num_cpus": self.res.num_cpus,
+            "num_gpus": self.res.num_gpus,
+            "max_restarts": 0,
+        }
         if self.res.memory_gb:
             options["memory"] = int(self.res.memory_gb * 2**30)
         if node_id is not None:
@@ -428,7 +437,8 @@ class RayExecutor:
                 return
             if time.monotonic() > deadline:
                 missing = sorted(
-                    name for name, pool in pools.items()
+                    name
+                    for name, pool in pools.items()
                     if sum(r.ready for r in pool.replicas) < pool.res.replicas.min
                 )
                 if missing:
@@ -472,17 +482,10 @@ class RayExecutor:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        for pool in self.pools:
-            for r in pool.replicas:
-                try:
-                    ray.kill(r.handle)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
-        for w in self._idle_writers:
-            try:
-                ray.kill(w)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+        handles = [r.handle for pool in self.pools for r in pool.replicas] + self._idle_writers
+        for handle in handles:
+            with contextlib.suppress(Exception):  # already gone
+                ray.kill(handle)
         self._idle_writers = []
         self.pools = []
         if self._started_ray:
@@ -574,7 +577,9 @@ class RayExecutor:
                 self._jobs.append(job)
                 continue
             payload = job.source_ref if job.stage == 0 else job.input_ref
-            out_ref, summary_ref = rep.handle.run.options(num_returns=2).remote(payload, job.verdicts, job.poison)
+            out_ref, summary_ref = rep.handle.run.options(num_returns=2).remote(
+                payload, job.verdicts, job.poison
+            )
             rep.calls.append(summary_ref)
             self._inflight[summary_ref] = (job, pool, rep, out_ref)
 
@@ -584,7 +589,11 @@ class RayExecutor:
         job, pool, rep, out_ref = self._inflight.pop(summary_ref)
         try:
             summary = ray.get(summary_ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError):
+        except (
+            ray.exceptions.RayActorError,
+            ray.exceptions.WorkerCrashedError,
+            ray.exceptions.OutOfMemoryError,
+        ):
             if not rep.dead:  # the first news of this replica's death: which call was it running?
                 rep.dead, rep.running_at_death = True, rep.calls[0] if rep.calls else None
                 logger.warning("a %s replica died (node lost or process killed); replacing it", pool.name)
@@ -601,7 +610,9 @@ class RayExecutor:
             ray.exceptions.OwnerDiedError,
             ray.exceptions.ObjectFetchTimedOutError,
         ):
-            logger.warning("batch %d/%d lost its data with a node; restarting it", job.batch.partition, job.batch.number)
+            logger.warning(
+                "batch %d/%d lost its data with a node; restarting it", job.batch.partition, job.batch.number
+            )
             self._recover(job, None)
             return
         except ray.exceptions.RayError as e:
@@ -639,7 +650,10 @@ class RayExecutor:
             job.crashes[crashed_stage] = 0
         if job.restarts >= MAX_RESTARTS:
             self._finish_error(
-                job, RuntimeError(f"batch {job.batch.number} of partition {job.batch.partition} restarted too often")
+                job,
+                RuntimeError(
+                    f"batch {job.batch.number} of partition {job.batch.partition} restarted too often"
+                ),
             )
             return
         job.restart()
@@ -649,7 +663,13 @@ class RayExecutor:
         import ray
 
         batch = Batch(parent.batch.partition, parent.batch.number, sources, parent.batch.after_ingest)
-        child = _Job(batch=batch, future=Future(), source_ref=ray.put(sources), parent=parent, poison=dict(parent.poison))
+        child = _Job(
+            batch=batch,
+            future=Future(),
+            source_ref=ray.put(sources),
+            parent=parent,
+            poison=dict(parent.poison),
+        )
         parent.children.append(child)
         self._jobs.append(child)
 

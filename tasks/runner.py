@@ -99,7 +99,9 @@ def run_stage(
     return stats
 
 
-def _with_retries(stage: Stage, batch: list[VideoContext], retries: int, backoff_s: float) -> dict[str, object]:
+def _with_retries(
+    stage: Stage, batch: list[VideoContext], retries: int, backoff_s: float
+) -> dict[str, object]:
     for attempt in range(retries + 1):
         try:
             return _process_isolated(stage, batch, transient_raises=attempt < retries)
@@ -112,7 +114,9 @@ def _with_retries(stage: Stage, batch: list[VideoContext], retries: int, backoff
     raise AssertionError("unreachable")
 
 
-def _process_isolated(stage: Stage, batch: list[VideoContext], *, transient_raises: bool) -> dict[str, object]:
+def _process_isolated(
+    stage: Stage, batch: list[VideoContext], *, transient_raises: bool
+) -> dict[str, object]:
     try:
         return dict(stage.process(batch))
     except Exception as exc:  # noqa: BLE001 - classified below
@@ -124,7 +128,9 @@ def _process_isolated(stage: Stage, batch: list[VideoContext], *, transient_rais
         if len(batch) == 1:
             logger.debug("stage %s crashed on %s:\n%s", stage.name, batch[0].uri, traceback.format_exc())
             return {stage.result_key(batch[0]): exc}
-        logger.info("stage %s batch failed (%s); retrying its %d videos one by one", stage.name, exc, len(batch))
+        logger.info(
+            "stage %s batch failed (%s); retrying its %d videos one by one", stage.name, exc, len(batch)
+        )
         results: dict[str, object] = {}
         for ctx in batch:
             results.update(_process_isolated(stage, [ctx], transient_raises=False))

@@ -108,7 +108,10 @@ class SampleStage(Stage[SampleRecord]):
     def models(self, ctx: VideoContext) -> dict[str, ModelInfo]:
         """Every model that made part of this video's sample, by stage (and role)."""
         caption = ctx.record("caption", CaptionRecord)
-        models = {"persons": ctx.record("persons", PersonsRecord).model, "faces": ctx.record("faces", FacesRecord).model}
+        models = {
+            "persons": ctx.record("persons", PersonsRecord).model,
+            "faces": ctx.record("faces", FacesRecord).model,
+        }
         if caption.model is not None:
             models["caption"] = caption.model
         if self.config.subjects:

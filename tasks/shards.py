@@ -15,6 +15,7 @@ killed run left half done and re-checks every committed shard's size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -68,7 +69,7 @@ class _SampleTar:
     """A WebDataset tar: each sample's members as `<key>.<member>`, in order, with fixed headers."""
 
     def __init__(self, fileobj):
-        self.tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
+        self.tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - closed in close()
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         for name, data in members.items():
@@ -259,10 +260,8 @@ class PartitionWriter:
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 # ---------------------------------------------------------------------------------------------- start of a run
@@ -296,7 +295,9 @@ def reconcile(output: OutputDir, index: LedgerIndex) -> Reconciled:
     for name, (part, entry) in list(index.shards.items()):
         if sizes.get(name) != entry.num_bytes:
             why = "missing" if name not in sizes else f"{sizes[name]} bytes, its index says {entry.num_bytes}"
-            logger.warning("shard %s is damaged (%s): its %d samples are curated again", name, why, entry.count)
+            logger.warning(
+                "shard %s is damaged (%s): its %d samples are curated again", name, why, entry.count
+            )
             out.damaged.append(name)
             output.remove(posixpath.join(SHARDS, name))
             output.remove(posixpath.join(LEDGER, part))
@@ -314,28 +315,34 @@ class DatasetSummary:
     entries: list[ShardEntry]
 
 
-_FINAL_COLUMNS = ["uri", "video_id", "outcome", "fingerprint", "shard", "stage", "error_class", "message",
-                  "time", "sample"]
-
-
 def finalize(output: OutputDir, seen: set[str], discovery_failures: list[FailureRecord]) -> DatasetSummary:
-    """Write index.json, manifest.parquet and failures.parquet from the ledger; retire superseded samples."""
+    """Write index.json, manifest.parquet and failures.parquet from the ledger; retire superseded samples.
+
+    Streams the ledger part by part: the first pass keeps only ids and outcomes (tens of bytes per video), the
+    manifest is written one part at a time, so memory does not grow with captions and records.
+    """
     index = read_index(output)  # everything committed, this run included
-    table = read_parts(output, index.parts, columns=_FINAL_COLUMNS)
-    rows = table.to_pylist()
 
     # The latest sample-or-failure row of a video decides whether (and which) sample of it is current.
-    deciding: dict[str, dict] = {}
-    for row in rows:
-        if row["outcome"] in ("sample", "failed"):
-            deciding[row["video_id"]] = row
-    current = {
-        (vid, row["shard"]) for vid, row in deciding.items() if row["outcome"] == "sample" and row["shard"]
-    }
+    small = read_parts(output, index.parts, columns=["uri", "video_id", "outcome", "shard"])
+    uris, vids = small["uri"].to_pylist(), small["video_id"].to_pylist()
+    outcomes, shards, parts = (
+        small["outcome"].to_pylist(),
+        small["shard"].to_pylist(),
+        small["part"].to_pylist(),
+    )
+    del small
+    deciding: dict[str, int] = {}
+    latest: dict[str, int] = {}
+    for i, outcome in enumerate(outcomes):
+        if outcome in ("sample", "failed"):
+            deciding[vids[i]] = i
+        latest[uris[i]] = i
+    current = {(vids[i], shards[i]) for i in deciding.values() if outcomes[i] == "sample" and shards[i]}
     stale: dict[str, set[str]] = {}
-    for row in rows:
-        if row["outcome"] == "sample" and (row["video_id"], row["shard"]) not in current:
-            stale.setdefault(row["shard"], set()).add(row["video_id"])
+    for i, outcome in enumerate(outcomes):
+        if outcome == "sample" and (vids[i], shards[i]) not in current:
+            stale.setdefault(shards[i], set()).add(vids[i])
     retired = 0
     for shard, keys in sorted(stale.items()):
         if shard in index.shards:
@@ -347,28 +354,36 @@ def finalize(output: OutputDir, seen: set[str], discovery_failures: list[Failure
     output.write_bytes(INDEX, ShardIndex(shards=entries).model_dump_json(indent=1).encode())
     _repair_index_lines(output, entries)
 
-    manifest = []
-    random_weight_samples = 0
-    for row in rows:
-        if row["outcome"] == "sample" and (row["video_id"], row["shard"]) in current and row["shard"] in index.shards:
-            sample = SampleRecord.model_validate_json(row["sample"])
-            manifest.append(sample.manifest_row(row["shard"]))
-            random_weight_samples += int(sample.random_weights)
-    manifest.sort(key=lambda r: (r["shard"], r["key"]))
-    with output.atomic_writer(MANIFEST) as f:
-        pq.write_table(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), f)
+    samples = random_weight_samples = 0
+    with output.atomic_writer(MANIFEST) as f, pq.ParquetWriter(f, MANIFEST_SCHEMA) as manifest:
+        for part, _entry in sorted(index.shards.values(), key=lambda pe: pe[1].url):
+            rows = read_parts(output, [part], columns=["video_id", "outcome", "shard", "sample"]).to_pylist()
+            batch = []
+            for row in rows:
+                if row["outcome"] == "sample" and (row["video_id"], row["shard"]) in current:
+                    sample = SampleRecord.model_validate_json(row["sample"])
+                    batch.append(sample.manifest_row(row["shard"]))
+                    random_weight_samples += int(sample.random_weights)
+            batch.sort(key=lambda r: r["key"])
+            samples += len(batch)
+            if batch:
+                manifest.write_table(pa.Table.from_pylist(batch, schema=MANIFEST_SCHEMA))
 
-    latest: dict[str, dict] = {}
-    for row in rows:
-        latest[row["uri"]] = row
-    failures = list(discovery_failures) + [
-        failure_from_row(r)
-        for uri, r in sorted(latest.items())
-        if uri in seen and r["outcome"] in ("failed", "duplicate")
-    ]
+    wanted: dict[str, set[str]] = {}
+    for uri in sorted(seen):
+        i = latest.get(uri)
+        if i is not None and outcomes[i] in ("failed", "duplicate"):
+            wanted.setdefault(parts[i], set()).add(uri)
+    found: dict[str, FailureRecord] = {}
+    failure_columns = ["uri", "video_id", "outcome", "stage", "error_class", "message", "time"]
+    for part, part_uris in wanted.items():
+        for row in read_parts(output, [part], columns=failure_columns).to_pylist():
+            if row["uri"] in part_uris and row["outcome"] in ("failed", "duplicate"):
+                found[row["uri"]] = failure_from_row(row)
+    failures = list(discovery_failures) + [found[u] for u in sorted(found)]
     write_failures(output, failures)
     return DatasetSummary(
-        samples=len(manifest),
+        samples=samples,
         shards=len(entries),
         retired_samples=retired,
         failures=failures,
@@ -415,7 +430,10 @@ def _retire(output: OutputDir, shard: tuple[str, ShardEntry], keys: set[str]) ->
     # The part loses the retired rows; without samples it keeps its other rows and no shard.
     with output.open_read(posixpath.join(LEDGER, part)) as f:
         table = pq.read_table(f)
-    mask = [not (o == "sample" and v in keys) for o, v in zip(table["outcome"].to_pylist(), table["video_id"].to_pylist())]
+    mask = [
+        not (o == "sample" and v in keys)
+        for o, v in zip(table["outcome"].to_pylist(), table["video_id"].to_pylist())
+    ]
     table = table.filter(pa.array(mask)).cast(LEDGER_SCHEMA)
     meta = {SHARD_META_KEY: new_entry.model_dump_json().encode()} if new_entry is not None else None
     table = table.replace_schema_metadata(meta)
@@ -468,6 +486,8 @@ def verify(output: OutputDir) -> list[str]:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 sha.update(chunk)
         if sizes[e.url] != e.num_bytes or sha.hexdigest() != e.sha256:
-            problems.append(f"{e.url}: {sizes[e.url]} bytes, sha256 {sha.hexdigest()[:12]}; the index says "
-                            f"{e.num_bytes} bytes, sha256 {e.sha256[:12]}")
+            problems.append(
+                f"{e.url}: {sizes[e.url]} bytes, sha256 {sha.hexdigest()[:12]}; the index says "
+                f"{e.num_bytes} bytes, sha256 {e.sha256[:12]}"
+            )
     return problems

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from flows.sample_data import CAPTIONS
 from models.grounding import GroundedBox

@@ -24,7 +24,11 @@ REPO = Path(__file__).resolve().parent.parent
 def cli(*args: str, env: dict | None = None, timeout: float = 900) -> tuple[int, str, float]:
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
     )
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0
@@ -44,11 +48,21 @@ def videos(tmp_path: Path, sample_videos) -> Path:
     "args, code, says",
     [
         (["run", "{in}", "{out}", "--profile", "nope"], EX_CONFIG, "no profile 'nope'"),
-        (["run", "{in}", "{out}", "--profile", "offline", "--set", "faces.min_sise_px=3"], EX_CONFIG,
-         "did you mean faces.min_size_px"),
-        (["run", "{in}", "{out}", "--profile", "offline", "--set", "run.batch_size=many"], EX_CONFIG,
-         "run.batch_size"),
-        (["run", "{in}", "{out}", "--profile", "offline", "--set", "no_equals_sign"], EX_USAGE, "key.path=value"),
+        (
+            ["run", "{in}", "{out}", "--profile", "offline", "--set", "faces.min_sise_px=3"],
+            EX_CONFIG,
+            "did you mean faces.min_size_px",
+        ),
+        (
+            ["run", "{in}", "{out}", "--profile", "offline", "--set", "run.batch_size=many"],
+            EX_CONFIG,
+            "run.batch_size",
+        ),
+        (
+            ["run", "{in}", "{out}", "--profile", "offline", "--set", "no_equals_sign"],
+            EX_USAGE,
+            "key.path=value",
+        ),
         (["run", "{missing}", "{out}", "--profile", "offline"], EX_NOINPUT, "does not exist"),
         (["run", "{in}", "{file}", "--profile", "offline"], EX_CANTCREAT, "is a file"),
         (["run", "{in}"], EX_USAGE, "the following arguments are required"),
@@ -58,8 +72,12 @@ def videos(tmp_path: Path, sample_videos) -> Path:
 )
 def test_bad_arguments_get_one_line_fast_and_nothing_is_written(tmp_path, videos, args, code, says):
     (tmp_path / "a_file").write_text("not a directory")
-    fill = {"in": str(videos), "out": str(tmp_path / "out"), "missing": str(tmp_path / "nowhere"),
-            "file": str(tmp_path / "a_file")}
+    fill = {
+        "in": str(videos),
+        "out": str(tmp_path / "out"),
+        "missing": str(tmp_path / "nowhere"),
+        "file": str(tmp_path / "a_file"),
+    }
     rc, text, seconds = cli(*[a.format(**fill) for a in args], env={"HF_HUB_OFFLINE": "1"})
     assert rc == code, text
     assert says in text
@@ -72,10 +90,31 @@ def test_bad_arguments_get_one_line_fast_and_nothing_is_written(tmp_path, videos
 def test_a_second_run_on_one_output_is_refused_at_once_and_a_killed_owner_frees_it(tmp_path, videos):
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(videos), str(out), "--profile", "offline", "--no-progress",
-           "--executor", "local"]
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for _ in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        str(videos),
+        str(out),
+        "--profile",
+        "offline",
+        "--no-progress",
+        "--executor",
+        "local",
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
     t0 = time.monotonic()
     refused = None
     while refused is None and time.monotonic() - t0 < 30:
@@ -90,8 +129,17 @@ def test_a_second_run_on_one_output_is_refused_at_once_and_a_killed_owner_frees_
     time.sleep(1.0)
     os.killpg(owner.pid, signal.SIGKILL)  # the owner dies without releasing anything
     owner.wait()
-    rc, text, _ = cli("run", str(videos), str(out), "--profile", "offline", "--no-progress", "--executor", "local",
-                      env={"PREFECT_HOME": str(tmp_path / "ph")})
+    rc, text, _ = cli(
+        "run",
+        str(videos),
+        str(out),
+        "--profile",
+        "offline",
+        "--no-progress",
+        "--executor",
+        "local",
+        env={"PREFECT_HOME": str(tmp_path / "ph")},
+    )
     assert rc == 0, text  # the kernel released the dead owner's lock: the rerun takes over
     assert json.loads((out / "report.json").read_text())["samples"] == 3
 
@@ -126,7 +174,9 @@ DISK_FULL = textwrap.dedent(
 def test_a_full_disk_blames_no_video_and_a_rerun_finishes(tmp_path, videos):
     if shutil.which("unshare") is None:
         pytest.skip("no unshare(1) to make a small filesystem")
-    probe = subprocess.run(["unshare", "-Urm", "sh", "-c", f"mount -t tmpfs tmpfs {tmp_path}"], capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", f"mount -t tmpfs tmpfs {tmp_path}"], capture_output=True
+    )
     if probe.returncode != 0:
         pytest.skip(f"the kernel forbids mounting in a user namespace: {probe.stderr.decode().strip()}")
     mnt, logs = tmp_path / "small", tmp_path / "logs"
@@ -135,7 +185,9 @@ def test_a_full_disk_blames_no_video_and_a_rerun_finishes(tmp_path, videos):
     # Room for about one sample (clip + face crops, and its ledger part), not for three.
     script = DISK_FULL.format(size=420, mnt=mnt, repo=REPO, py=sys.executable, inp=videos, logs=logs)
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    done = subprocess.run(["unshare", "-Urm", "bash", "-c", script], env=env, timeout=1200, capture_output=True)
+    done = subprocess.run(
+        ["unshare", "-Urm", "bash", "-c", script], env=env, timeout=1200, capture_output=True
+    )
     assert done.returncode != 97, done.stderr.decode()
     first = (logs / "first.log").read_text()
     assert int((logs / "first.rc").read_text()) == EX_IOERR, first[-3000:]

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from fractions import Fraction
-from pathlib import Path
-
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from fractions import Fraction
+from pathlib import Path
 
 import av
 import fsspec

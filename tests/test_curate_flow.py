@@ -51,7 +51,9 @@ def curated(videos, prefect_harness) -> tuple[Path, dict]:
     from flows.curate import curate
 
     out = videos[0].parent / "out"
-    report = curate(input=str(videos[0]), output=str(out), profile="offline", progress=False, executor="local")
+    report = curate(
+        input=str(videos[0]), output=str(out), profile="offline", progress=False, executor="local"
+    )
     return out, report
 
 
@@ -111,8 +113,14 @@ def test_bad_files_are_failures_with_reasons(curated, videos):
     out, report = curated
     failures = pq.read_table(out / "failures.parquet").to_pylist()
     failed = {Path(f["uri"]).name: f for f in failures}
-    expected = {"empty": "empty_file", "truncated": "corrupt", "no_frames": "corrupt", "text": "not_a_video",
-                "audio_only": "no_video_stream", "one_frame": "too_short"}
+    expected = {
+        "empty": "empty_file",
+        "truncated": "corrupt",
+        "no_frames": "corrupt",
+        "text": "not_a_video",
+        "audio_only": "no_video_stream",
+        "one_frame": "too_short",
+    }
     for path in videos[1]:
         if "4k" in path.name.lower():
             continue  # a 4K video is valid input: it is downscaled, or fails later for content reasons
@@ -159,7 +167,9 @@ def test_ray_and_the_in_process_executor_make_the_same_shards(curated, videos, t
 
     out, report = curated
     ray_out = tmp_path / "ray"
-    ray_report = curate(input=str(videos[0]), output=str(ray_out), profile="offline", progress=False, executor="ray")
+    ray_report = curate(
+        input=str(videos[0]), output=str(ray_out), profile="offline", progress=False, executor="ray"
+    )
     assert ray_report["executor"] == "ray" and ray_report["samples"] == report["samples"]
     names = sorted(p.name for p in (out / "shards").iterdir())
     assert names == sorted(p.name for p in (ray_out / "shards").iterdir())
@@ -174,8 +184,23 @@ def test_sigkill_midway_then_resume_gives_same_samples(curated, videos, tmp_path
     out_ref, _ = curated
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(videos[0]), str(out), "--profile", "offline",
-           "--no-progress", "--executor", "local", "--set", "run.batch_size=1", "--set", "shards.maxcount=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        str(videos[0]),
+        str(out),
+        "--profile",
+        "offline",
+        "--no-progress",
+        "--executor",
+        "local",
+        "--set",
+        "run.batch_size=1",
+        "--set",
+        "shards.maxcount=1",
+    ]
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

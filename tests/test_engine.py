@@ -45,7 +45,9 @@ def tar_keys(out: Path) -> list[str]:
 
 def config(**kw):
     cfg = stub_config()
-    run_overrides = {k: v for k, v in kw.items() if k in ("partition_size", "batch_size", "batches_in_flight")}
+    run_overrides = {
+        k: v for k, v in kw.items() if k in ("partition_size", "batch_size", "batches_in_flight")
+    }
     shard_overrides = {k: v for k, v in kw.items() if k in ("maxcount", "maxsize")}
     return cfg.model_copy(
         update={
@@ -96,7 +98,9 @@ def test_first_shard_is_readable_before_a_fifth_of_the_input_is_done(tmp_path: P
         original(self, summary, commits, finished)
         for c in commits:
             if c.shard is not None and not seen:
-                with tarfile.open(tmp_path / "out" / "shards" / c.shard.url) as t:  # complete and readable now
+                with tarfile.open(
+                    tmp_path / "out" / "shards" / c.shard.url
+                ) as t:  # complete and readable now
                     seen.append((self.progress.finished, len(t.getnames())))
 
     monkeypatch.setattr(Curation, "_record", spy)
@@ -128,9 +132,13 @@ def test_two_clean_runs_are_byte_identical(videos: Path, tmp_path: Path):
     names = sorted(p.name for p in (tmp_path / "a" / "shards").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "b" / "shards").iterdir())
     for name in names:
-        assert (tmp_path / "a" / "shards" / name).read_bytes() == (tmp_path / "b" / "shards" / name).read_bytes()
+        assert (tmp_path / "a" / "shards" / name).read_bytes() == (
+            tmp_path / "b" / "shards" / name
+        ).read_bytes()
     assert (tmp_path / "a" / "index.json").read_bytes() == (tmp_path / "b" / "index.json").read_bytes()
-    assert (tmp_path / "a" / "manifest.parquet").read_bytes() == (tmp_path / "b" / "manifest.parquet").read_bytes()
+    assert (tmp_path / "a" / "manifest.parquet").read_bytes() == (
+        tmp_path / "b" / "manifest.parquet"
+    ).read_bytes()
 
 
 def test_a_partition_killed_midway_resumes_without_duplicates(videos: Path, tmp_path: Path, monkeypatch):
@@ -197,7 +205,9 @@ def test_a_config_change_reruns_and_retires_the_old_versions(videos: Path, tmp_p
     captions = set()
     for tar in (out / "shards").glob("*.tar"):
         with tarfile.open(tar) as t:
-            captions |= {t.extractfile(m).read().decode() for m in t.getmembers() if m.name.endswith(".caption.txt")}
+            captions |= {
+                t.extractfile(m).read().decode() for m in t.getmembers() if m.name.endswith(".caption.txt")
+            }
     assert captions == {"a video b"}
     assert verify(OutputDir(str(out))) == []
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
@@ -214,7 +224,9 @@ def test_damaged_and_orphan_shards_are_repaired(videos: Path, tmp_path: Path):
     (out / "shards" / ".tmp-shard-000001-000003.tar-abc").write_bytes(b"half")
     report, _ = run(videos, out, cfg)
     assert report["reconciled"]["damaged_shards_redone"] == [shards[1].name]
-    assert report["reconciled"]["removed_orphan_shards"] == 1 and report["reconciled"]["removed_temporary"] == 1
+    assert (
+        report["reconciled"]["removed_orphan_shards"] == 1 and report["reconciled"]["removed_temporary"] == 1
+    )
     keys = tar_keys(out)
     assert len(keys) == len(set(keys)) == 37
     assert verify(OutputDir(str(out))) == []
@@ -263,7 +275,10 @@ def test_a_full_disk_stops_the_run_and_blames_no_video(videos: Path, tmp_path: P
                 c.run_partition(part)
         assert c.aborted
         report = c.finalize()
-    assert "ENOSPC" not in json.dumps(report["failures_by_reason"]) and "OSError" not in report["failures_by_reason"]
+    assert (
+        "ENOSPC" not in json.dumps(report["failures_by_reason"])
+        and "OSError" not in report["failures_by_reason"]
+    )
     assert report["failures_by_reason"] == {"not_a_video": 1} or report["failures_by_reason"] == {}
     monkeypatch.setattr(StubModel, "process", original)
     again, _ = run(videos, out, cfg)
@@ -271,8 +286,8 @@ def test_a_full_disk_stops_the_run_and_blames_no_video(videos: Path, tmp_path: P
 
 
 def test_the_writer_puts_batches_in_order_whatever_order_they_finish(videos: Path, tmp_path: Path):
-    from tasks.execution import Batch, LocalExecutor
     from tasks.discovery import discover
+    from tasks.execution import Batch, LocalExecutor
 
     cfg = config(maxcount=4)
     pipeline = Pipeline.of(cfg, STUB_STAGES)

@@ -53,7 +53,9 @@ def write_vfr(path: Path, frames: list[np.ndarray]) -> Path:
     return path
 
 
-def caption(path: Path, text: str = "A smiling woman astronaut in an orange spacesuit with a white helmet") -> None:
+def caption(
+    path: Path, text: str = "A smiling woman astronaut in an orange spacesuit with a white helmet"
+) -> None:
     path.with_suffix(".txt").write_text(text + "\n")
 
 
@@ -80,7 +82,9 @@ def junk(tmp_path_factory, sample_videos) -> dict:
     good.append(write_vfr(inp / "vfr.mp4", astronaut(25)))
     caption(inp / "vfr.mp4")
     upright = astronaut(21, size=(360, 480), start=(64, 0, 448, 512))
-    good.append(write_rotated_video(inp / "phone_portrait.mov", upright, 16, rotation=90, container_format="mov"))
+    good.append(
+        write_rotated_video(inp / "phone_portrait.mov", upright, 16, rotation=90, container_format="mov")
+    )
     caption(inp / "phone_portrait.mov")
     (inp / "dir.mp4").mkdir()  # a folder named like a video: walked, not read
     bad_dir = make_bad_videos(inp / "dir.mp4")
@@ -97,7 +101,9 @@ def junk(tmp_path_factory, sample_videos) -> dict:
         str(bad_dir["one_frame"]): "too_short",
     }
     # 8K frames: over max_pixels.
-    eight_k = write_video(inp / "eight_k.mp4", [np.zeros((4320, 7680, 3), np.uint8)] * 16, 16, preset="ultrafast")
+    eight_k = write_video(
+        inp / "eight_k.mp4", [np.zeros((4320, 7680, 3), np.uint8)] * 16, 16, preset="ultrafast"
+    )
     expected[str(eight_k)] = "too_large"
     # Frames OpenCV's HOG crashes the process on (20x14 ... 320x48): too small, or no face, never a crash.
     for w, h in [(20, 14), (64, 64), (96, 96), (64, 128), (160, 90), (320, 48)]:
@@ -121,7 +127,10 @@ def junk(tmp_path_factory, sample_videos) -> dict:
     os.mkfifo(inp / "fifo.mp4")
     expected[str(inp / "fifo.mp4")] = "not_a_file"
     # Sidecars: a link to a file outside the input (and to /etc/passwd), a huge one, a binary one, a too-long one.
-    for name, sidecar in [("passwd_sidecar", "/etc/passwd"), ("outside_sidecar", str(outside / "secret.txt"))]:
+    for name, sidecar in [
+        ("passwd_sidecar", "/etc/passwd"),
+        ("outside_sidecar", str(outside / "secret.txt")),
+    ]:
         p = write_video(inp / f"{name}.mp4", astronaut(22 + len(name) % 5, start=(8, 64, 504, 448)), 16)
         os.symlink(sidecar, p.with_suffix(".txt"))
         expected[str(p)] = "bad_sidecar"
@@ -143,12 +152,31 @@ def junk(tmp_path_factory, sample_videos) -> dict:
 @pytest.fixture(scope="module")
 def cli_run(junk) -> dict:
     out = junk["root"] / "out"
-    env = {**os.environ, "PREFECT_HOME": str(junk["root"] / "ph"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(junk["in"]), str(out), "--profile", "offline", "--no-progress"]
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(junk["root"] / "ph"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        str(junk["in"]),
+        str(out),
+        "--profile",
+        "offline",
+        "--no-progress",
+    ]
     log = junk["root"] / "cli.log"
     with log.open("w") as fh:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=1500)
-    return {"out": out, "rc": proc.returncode, "log": log.read_text(), "report": json.loads((out / "report.json").read_text())}
+    return {
+        "out": out,
+        "rc": proc.returncode,
+        "log": log.read_text(),
+        "report": json.loads((out / "report.json").read_text()),
+    }
 
 
 def test_the_run_finishes_and_every_good_video_is_a_sample(cli_run, junk):

@@ -192,7 +192,9 @@ def test_stage_through_the_runner_is_recomputed_not_reused(tmp_path):
     del ctx.media[keyframe_name(1)]
     again = run_stage(stage, [ctx])
     assert (again.processed, again.reused) == (1, 0)
-    np.testing.assert_array_equal(ctx.rgb(keyframe_name(1)), decoded_frames(uri)[rec.keyframes[1].frame_index])
+    np.testing.assert_array_equal(
+        ctx.rgb(keyframe_name(1)), decoded_frames(uri)[rec.keyframes[1].frame_index]
+    )
 
 
 def quadrant_colours(image: Image.Image) -> np.ndarray:

@@ -12,8 +12,13 @@ from tasks.placement import NodeCapacity, PlacementError, describe, plan
 
 def res(cpus=1.0, gpus=0.0, spv=1.0, min_=1, max_=None, mem=None) -> StageResources:
     return StageResources.model_validate(
-        {"num_cpus": cpus, "num_gpus": gpus, "seconds_per_video": spv, "memory_gb": mem,
-         "replicas": {"min": min_, "max": max_}}
+        {
+            "num_cpus": cpus,
+            "num_gpus": gpus,
+            "seconds_per_video": spv,
+            "memory_gb": mem,
+            "replicas": {"min": min_, "max": max_},
+        }
     )
 
 
@@ -30,11 +35,23 @@ def test_a_gpu_stage_fills_every_gpu_of_every_node():
 
 def test_paper_profile_on_one_8_gpu_node_follows_the_written_arithmetic():
     cfg = load_config("paper")
-    order = ["ingest", "keyframes", "caption", "persons", "faces", "entities", "masks", "background", "sample"]
+    order = [
+        "ingest",
+        "keyframes",
+        "caption",
+        "persons",
+        "faces",
+        "entities",
+        "masks",
+        "background",
+        "sample",
+    ]
     node = NodeCapacity("n0", cpus=96, gpus=8, memory_gb=1000)
     out = plan([node], cfg.run.stages, order)
     c = counts(out)
-    assert c["caption"] == 1 and c["entities"] == 1 and c["persons"] == 1 and c["faces"] == 1 and c["masks"] == 1
+    assert (
+        c["caption"] == 1 and c["entities"] == 1 and c["persons"] == 1 and c["faces"] == 1 and c["masks"] == 1
+    )
     assert c["background"] == 5  # FLUX, the slowest stage, gets every GPU left: 1 + 1 + 1 (shared) + 5 = 8
     gpus_used = Counter(g for r in out for g in r.gpus)
     assert len(gpus_used) == 8  # every GPU of the node has work
@@ -44,7 +61,17 @@ def test_paper_profile_on_one_8_gpu_node_follows_the_written_arithmetic():
 
 def test_more_nodes_need_no_new_config():
     cfg = load_config("paper")
-    order = ["ingest", "keyframes", "caption", "persons", "faces", "entities", "masks", "background", "sample"]
+    order = [
+        "ingest",
+        "keyframes",
+        "caption",
+        "persons",
+        "faces",
+        "entities",
+        "masks",
+        "background",
+        "sample",
+    ]
     nodes = [NodeCapacity(f"n{i}", cpus=96, gpus=8, memory_gb=1000) for i in range(8)]
     c = counts(plan(nodes, cfg.run.stages, order))
     assert sum(c[s] * cfg.run.stages[s].num_gpus for s in c) >= 63  # at most a shared half GPU left over
@@ -63,7 +90,11 @@ def test_replicas_grow_in_proportion_to_cost_and_stop_at_the_slowest_saturated_s
 
 def test_minimums_that_do_not_fit_say_which_stage_and_what_it_needs():
     with pytest.raises(PlacementError, match=r"stage caption needs 1 replica\(s\) of 4 CPU, 1 GPU"):
-        plan([NodeCapacity("cpu-only", cpus=16)], {"ingest": res(), "caption": res(cpus=4, gpus=1)}, ["ingest", "caption"])
+        plan(
+            [NodeCapacity("cpu-only", cpus=16)],
+            {"ingest": res(), "caption": res(cpus=4, gpus=1)},
+            ["ingest", "caption"],
+        )
 
 
 def test_fractional_gpus_pack_and_whole_gpus_stay_free():

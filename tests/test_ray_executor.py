@@ -49,10 +49,17 @@ def stub(tmp: Path, *, gpus=1.0, max_replicas=None, sleep_s=0.0, batch=1, in_fli
     # The stand-in model is the slow stage: spare GPUs go to it (tasks/placement.py).
     stages = {
         "ingest": {"num_cpus": 1, "replicas": {"max": 1}, "seconds_per_video": 0.001},
-        "caption": {"num_cpus": 0, "num_gpus": gpus, "replicas": {"max": max_replicas}, "seconds_per_video": 0.2},
+        "caption": {
+            "num_cpus": 0,
+            "num_gpus": gpus,
+            "replicas": {"max": max_replicas},
+            "seconds_per_video": 0.2,
+        },
         "sample": {"num_cpus": 1, "replicas": {"max": 1}, "seconds_per_video": 0.001},
     }
-    run = cfg.run.model_copy(update={"batch_size": batch, "batches_in_flight": in_flight, "partition_size": 10_000})
+    run = cfg.run.model_copy(
+        update={"batch_size": batch, "batches_in_flight": in_flight, "partition_size": 10_000}
+    )
     run = run.model_validate({**run.model_dump(), "stages": stages})
     return cfg.model_copy(update={"run": run})
 
@@ -111,7 +118,9 @@ def test_a_killed_replica_loses_no_sample_and_writes_none_twice(cluster, tmp_pat
     keys = keys_in(tmp_path / "out")
     assert report["samples"] == 160 == len(keys) == len(set(keys))
     assert report["videos_failed"] == 0
-    assert report["stages"]["caption"]["replicas_started"] == 2 * GPUS_PER_NODE + 1  # the lost one was replaced
+    assert (
+        report["stages"]["caption"]["replicas_started"] == 2 * GPUS_PER_NODE + 1
+    )  # the lost one was replaced
 
 
 def test_a_lost_node_loses_no_sample_and_writes_none_twice(tmp_path: Path, cluster):

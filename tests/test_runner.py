@@ -18,8 +18,16 @@ from tasks.runner import end_journeys, run_stage
 
 def ctx(name: str) -> VideoContext:
     video = VideoRecord(
-        video_id=name, uri=f"/v/{name}.mp4", size_bytes=1, container="mp4", codec="h264",
-        width=64, height=64, fps=16.0, duration_s=1.0, num_frames=16,
+        video_id=name,
+        uri=f"/v/{name}.mp4",
+        size_bytes=1,
+        container="mp4",
+        codec="h264",
+        width=64,
+        height=64,
+        fps=16.0,
+        duration_s=1.0,
+        num_frames=16,
     )
     return VideoContext(source=SourceFile(uri=video.uri, size=1, version="1", video_id=name), video=video)
 
@@ -47,7 +55,12 @@ class EchoStage(Stage[CaptionRecord]):
 def test_failures_are_rows_and_a_crash_is_isolated_to_its_video():
     items = [ctx("a"), ctx("bad"), ctx("boom"), ctx("c")]
     stats = run_stage(EchoStage(CurateConfig()), items)
-    assert [c.records.get("caption").caption if c.failure is None else None for c in items] == ["a", None, None, "c"]
+    assert [c.records.get("caption").caption if c.failure is None else None for c in items] == [
+        "a",
+        None,
+        None,
+        "c",
+    ]
     assert items[1].failure.error_class == "no_person" and items[1].failure.stage == "caption"
     assert items[2].failure.error_class == "ValueError" and "native library" in items[2].failure.message
     assert stats.processed == 4 and stats.ok == 2 and stats.failed == {"no_person": 1, "ValueError": 1}
@@ -83,7 +96,9 @@ def test_transient_errors_are_retried_then_isolated():
     FlakyStage.failures_left = 99
     items = [ctx("a")]
     run_stage(FlakyStage(CurateConfig()), items, retries=1, backoff_s=0.0)
-    assert items[0].failure.error_class == "TransientError"  # still failing after the retries: that video's row
+    assert (
+        items[0].failure.error_class == "TransientError"
+    )  # still failing after the retries: that video's row
 
 
 class DiskFullStage(EchoStage):
@@ -128,7 +143,9 @@ def test_profiles_load(profile: str):
 
 
 def test_overrides_and_unknown_keys():
-    cfg = load_config("offline", {"faces": {"min_size_px": 48}, "run": {"stages": {"faces": {"num_cpus": 2}}}})
+    cfg = load_config(
+        "offline", {"faces": {"min_size_px": 48}, "run": {"stages": {"faces": {"num_cpus": 2}}}}
+    )
     assert cfg.faces.min_size_px == 48 and cfg.run.stages["faces"].num_cpus == 2
     assert cfg.run.stages["persons"].num_cpus == 1  # the other stages keep their profile values
     with pytest.raises(ValidationError, match="min_size"):

@@ -279,9 +279,11 @@ def test_manifest_reads_v2_samples(curated):
     by_key = {r["key"]: r for r in rows}
     assert set(by_key) == set(w.ids.values())
     two = by_key[w.ids["two_people"]]
-    assert two["schema_version"] == 2 and two["num_faces"] == 2 and two["caption"] == w.contexts[
-        "two_people"
-    ].record("caption").caption
+    assert (
+        two["schema_version"] == 2
+        and two["num_faces"] == 2
+        and two["caption"] == w.contexts["two_people"].record("caption").caption
+    )
 
 
 def test_pipeline_order_follows_the_switch():
