@@ -158,7 +158,8 @@ def _finalize(engine: Curation, error: BaseException | None) -> dict[str, Any] |
 def _run_partitions(engine: Curation, run_key: str, run, bar: _Progress) -> BaseException | None:
     """Submit partitions as discovery makes them, `partitions_in_flight` at a time; the first error stops it."""
     submit = curate_partition.with_options(retries=run.retries)
-    inflight = []
+    inflight: list = []
+    numbers: dict = {}
     error: BaseException | None = None
     for part in engine.partitions():
         engine.start_executor_soon()
@@ -169,15 +170,19 @@ def _run_partitions(engine: Curation, run_key: str, run, bar: _Progress) -> Base
             for fut in done:
                 inflight.remove(fut)
                 error = error or _error_of(fut)
+                engine.release_partition(numbers.pop(fut))
         if error is not None:
             break
-        inflight.append(submit.submit(run_key, part.number))
+        fut = submit.submit(run_key, part.number)
+        inflight.append(fut)
+        numbers[fut] = part.number
     while inflight:
         done = _wait_any(inflight)
         bar.update()
         for fut in done:
             inflight.remove(fut)
             error = error or _error_of(fut)
+            engine.release_partition(numbers.pop(fut))
     bar.update()
     return error
 

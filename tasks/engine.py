@@ -216,6 +216,11 @@ class Curation:
     def partition(self, number: int) -> Partition:
         return self._partitions[number]
 
+    def release_partition(self, number: int) -> None:
+        """Forget a finished partition's file list (a million-video run keeps only the partitions in flight)."""
+        with self._lock:
+            self._partitions.pop(number, None)
+
     # -- 3. one partition
     def start_executor_soon(self) -> None:
         """Start the executor in the background (it overlaps discovery); `run_partition` waits for it."""

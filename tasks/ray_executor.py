@@ -276,6 +276,7 @@ class _Pool:
         self.replicas: list[_Replica] = []
         self.started = 0
         self.lost = 0
+        self.starved_since: float | None = None
 
     def spawn(self, node_id: str | None = None) -> None:
         import ray
@@ -549,6 +550,7 @@ class RayExecutor:
                     self._jobs.append(self._new.popleft())
                 self._poll_ready()
                 self._dispatch()
+                self._check_starved()
                 if not self._inflight:
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -564,6 +566,23 @@ class RayExecutor:
             for job in [*self._jobs, *self._new, *(j for j, *_ in self._inflight.values())]:
                 if not job.future.done():
                     job.future.set_exception(exc)
+
+    def _check_starved(self) -> None:
+        """Fail the batches of a stage that has had no live replica for too long (its node gone for good)."""
+        now = time.monotonic()
+        for pool in self.pools:
+            if any(r.ready for r in pool.replicas):
+                pool.starved_since = None
+                continue
+            pool.starved_since = pool.starved_since or now
+            if now - pool.starved_since > STARTUP_TIMEOUT_S:
+                error = StartupError(
+                    f"stage {pool.name} has had no replica for {STARTUP_TIMEOUT_S:.0f} s: the cluster lost the "
+                    "resources it needs"
+                )
+                for job in [j for j in self._jobs if self.pools[j.stage] is pool]:
+                    self._jobs.remove(job)
+                    self._finish_error(job, error)
 
     def _dispatch(self) -> None:
         if not self._jobs:

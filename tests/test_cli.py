@@ -198,3 +198,24 @@ def test_a_full_disk_blames_no_video_and_a_rerun_finishes(tmp_path, videos):
     assert int((logs / "second.rc").read_text()) == 0, (logs / "second.log").read_text()[-3000:]
     report = json.loads((logs / "report.json").read_text())
     assert report["samples"] == 3 and report["videos_failed"] == 0
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_promptly_and_the_rerun_resumes(tmp_path, videos):
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(videos), str(out), "--profile", "offline", "--no-progress",
+           "--executor", "local", "--set", "run.batch_size=1", "--set", "shards.maxcount=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None and not list((out / "work" / "ledger").glob("*")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    proc.wait(timeout=60)
+    assert time.monotonic() - t0 < 20 and proc.returncode != 0
+    rc, text, _ = cli(*cmd[3:], env={"PREFECT_HOME": str(tmp_path / "ph")})
+    assert rc == 0, text  # the lock died with the stopped run; the rerun finishes the job
+    report = json.loads((out / "report.json").read_text())
+    assert report["samples"] == 3 and report["videos_done_before"] >= 1

@@ -224,3 +224,13 @@ def test_sigkill_midway_then_resume_gives_same_samples(curated, videos, tmp_path
     assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(e["url"] for e in index["shards"])
     report = json.loads((out / "report.json").read_text())
     assert report["videos_done_before"] >= 1, "the rerun redid work the killed run had committed"
+
+
+def test_storage_credentials_come_from_a_prefect_secret_block(prefect_harness):
+    from prefect.blocks.system import Secret
+
+    from flows.curate import _storage_options
+
+    Secret(value='{"key": "AKIAEXAMPLE", "secret": "not-in-the-config"}').save("lumosx-test-storage", overwrite=True)
+    assert _storage_options("lumosx-test-storage") == {"key": "AKIAEXAMPLE", "secret": "not-in-the-config"}
+    assert _storage_options(None) is None
