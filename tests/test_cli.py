@@ -204,11 +204,28 @@ def test_a_full_disk_blames_no_video_and_a_rerun_finishes(tmp_path, videos):
 def test_sigterm_stops_a_run_promptly_and_the_rerun_resumes(tmp_path, videos):
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(videos), str(out), "--profile", "offline", "--no-progress",
-           "--executor", "local", "--set", "run.batch_size=1", "--set", "shards.maxcount=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        str(videos),
+        str(out),
+        "--profile",
+        "offline",
+        "--no-progress",
+        "--executor",
+        "local",
+        "--set",
+        "run.batch_size=1",
+        "--set",
+        "shards.maxcount=1",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None and not list((out / "work" / "ledger").glob("*")):
+    while (
+        time.monotonic() < deadline and proc.poll() is None and not list((out / "work" / "ledger").glob("*"))
+    ):
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be stopped"
     proc.send_signal(signal.SIGTERM)

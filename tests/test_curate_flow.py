@@ -231,6 +231,8 @@ def test_storage_credentials_come_from_a_prefect_secret_block(prefect_harness):
 
     from flows.curate import _storage_options
 
-    Secret(value='{"key": "AKIAEXAMPLE", "secret": "not-in-the-config"}').save("lumosx-test-storage", overwrite=True)
+    Secret(value='{"key": "AKIAEXAMPLE", "secret": "not-in-the-config"}').save(
+        "lumosx-test-storage", overwrite=True
+    )
     assert _storage_options("lumosx-test-storage") == {"key": "AKIAEXAMPLE", "secret": "not-in-the-config"}
     assert _storage_options(None) is None
