@@ -142,6 +142,11 @@ class OutputLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = self._parse(os.pread(fd, 4096, 0))
+            for _ in range(20):  # the owner may have the lock but not have written its name yet
+                if owner:
+                    break
+                time.sleep(0.025)
+                owner = self._parse(os.pread(fd, 4096, 0))
             os.close(fd)
             raise OutputLocked(self.output.url, owner) from None
         except OSError:
