@@ -95,9 +95,17 @@ def _curate(args: argparse.Namespace, input: str) -> int:
 def _start(args: argparse.Namespace, input: str, config) -> int:
     if args.executor == "ray" and not args.ray_address:
         # A local Ray starts while Prefect starts its temporary server, not after it.
-        from tasks.ray_executor import start_local_ray
+        from tasks.ray_executor import start_local_ray, stop_local_ray
 
         start_local_ray(config)
+        try:
+            return _run_flow(args, input)
+        finally:
+            stop_local_ray()  # also when no partition needed it (a rerun with nothing to do)
+    return _run_flow(args, input)
+
+
+def _run_flow(args: argparse.Namespace, input: str) -> int:
     from flows.curate import curate
 
     # The flow reports how long Prefect took to reach its body (its temporary server starts in between).
