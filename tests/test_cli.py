@@ -34,6 +34,16 @@ def cli(*args: str, env: dict | None = None, timeout: float = 900) -> tuple[int,
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0
 
 
+def local_run(videos: Path, out: Path, *extra: str) -> list[str]:
+    """The command line of an offline, in-process run (quick to start, same data as Ray)."""
+    return [sys.executable, "-m", "flows.cli", "run", str(videos), str(out), "--profile", "offline",
+            "--no-progress", "--executor", "local", *extra]  # fmt: skip
+
+
+def run_env(tmp_path: Path) -> dict:
+    return {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
 @pytest.fixture()
 def videos(tmp_path: Path, sample_videos) -> Path:
     d = tmp_path / "videos"
@@ -89,20 +99,7 @@ def test_bad_arguments_get_one_line_fast_and_nothing_is_written(tmp_path, videos
 @pytest.mark.slow
 def test_a_second_run_on_one_output_is_refused_at_once_and_a_killed_owner_frees_it(tmp_path, videos):
     out = tmp_path / "out"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "run",
-        str(videos),
-        str(out),
-        "--profile",
-        "offline",
-        "--no-progress",
-        "--executor",
-        "local",
-    ]
+    env, cmd = run_env(tmp_path), local_run(videos, out)
     procs = [
         subprocess.Popen(
             cmd,
@@ -129,17 +126,7 @@ def test_a_second_run_on_one_output_is_refused_at_once_and_a_killed_owner_frees_
     time.sleep(1.0)
     os.killpg(owner.pid, signal.SIGKILL)  # the owner dies without releasing anything
     owner.wait()
-    rc, text, _ = cli(
-        "run",
-        str(videos),
-        str(out),
-        "--profile",
-        "offline",
-        "--no-progress",
-        "--executor",
-        "local",
-        env={"PREFECT_HOME": str(tmp_path / "ph")},
-    )
+    rc, text, _ = cli(*cmd[3:], env={"PREFECT_HOME": str(tmp_path / "ph")})
     assert rc == 0, text  # the kernel released the dead owner's lock: the rerun takes over
     assert json.loads((out / "report.json").read_text())["samples"] == 3
 
@@ -203,24 +190,8 @@ def test_a_full_disk_blames_no_video_and_a_rerun_finishes(tmp_path, videos):
 @pytest.mark.slow
 def test_sigterm_stops_a_run_promptly_and_the_rerun_resumes(tmp_path, videos):
     out = tmp_path / "out"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "run",
-        str(videos),
-        str(out),
-        "--profile",
-        "offline",
-        "--no-progress",
-        "--executor",
-        "local",
-        "--set",
-        "run.batch_size=1",
-        "--set",
-        "shards.maxcount=1",
-    ]
+    env = run_env(tmp_path)
+    cmd = local_run(videos, out, "--set", "run.batch_size=1", "--set", "shards.maxcount=1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while (

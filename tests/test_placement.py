@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from schemas.config import StageResources, load_config
+from schemas.config import STAGE_NAMES, StageResources, load_config
 from tasks.placement import NodeCapacity, PlacementError, describe, plan
 
 
@@ -35,17 +35,7 @@ def test_a_gpu_stage_fills_every_gpu_of_every_node():
 
 def test_paper_profile_on_one_8_gpu_node_follows_the_written_arithmetic():
     cfg = load_config("paper")
-    order = [
-        "ingest",
-        "keyframes",
-        "caption",
-        "persons",
-        "faces",
-        "entities",
-        "masks",
-        "background",
-        "sample",
-    ]
+    order = list(STAGE_NAMES)
     node = NodeCapacity("n0", cpus=96, gpus=8, memory_gb=1000)
     out = plan([node], cfg.run.stages, order)
     c = counts(out)
@@ -61,17 +51,7 @@ def test_paper_profile_on_one_8_gpu_node_follows_the_written_arithmetic():
 
 def test_more_nodes_need_no_new_config():
     cfg = load_config("paper")
-    order = [
-        "ingest",
-        "keyframes",
-        "caption",
-        "persons",
-        "faces",
-        "entities",
-        "masks",
-        "background",
-        "sample",
-    ]
+    order = list(STAGE_NAMES)
     nodes = [NodeCapacity(f"n{i}", cpus=96, gpus=8, memory_gb=1000) for i in range(8)]
     c = counts(plan(nodes, cfg.run.stages, order))
     assert sum(c[s] * cfg.run.stages[s].num_gpus for s in c) >= 63  # at most a shared half GPU left over
