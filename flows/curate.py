@@ -158,33 +158,28 @@ def _finalize(engine: Curation, error: BaseException | None) -> dict[str, Any] |
 def _run_partitions(engine: Curation, run_key: str, run, bar: _Progress) -> BaseException | None:
     """Submit partitions as discovery makes them, `partitions_in_flight` at a time; the first error stops it."""
     submit = curate_partition.with_options(retries=run.retries)
-    inflight: list = []
-    numbers: dict = {}
-    error: BaseException | None = None
+    inflight: dict = {}  # Prefect future -> partition number
+    errors: list[BaseException] = []
+
+    def wait_until(at_most: int) -> None:
+        while len(inflight) > at_most:
+            for fut in _wait_any(list(inflight)):
+                error = _error_of(fut)
+                if error is not None:
+                    errors.append(error)
+                engine.release_partition(inflight.pop(fut))
+            bar.update()
+
     for part in engine.partitions():
         engine.start_executor_soon()
         engine.keep_partition(part)
-        while len(inflight) >= run.partitions_in_flight:
-            done = _wait_any(inflight)
-            bar.update()
-            for fut in done:
-                inflight.remove(fut)
-                error = error or _error_of(fut)
-                engine.release_partition(numbers.pop(fut))
-        if error is not None:
+        wait_until(run.partitions_in_flight - 1)
+        if errors:
             break
-        fut = submit.submit(run_key, part.number)
-        inflight.append(fut)
-        numbers[fut] = part.number
-    while inflight:
-        done = _wait_any(inflight)
-        bar.update()
-        for fut in done:
-            inflight.remove(fut)
-            error = error or _error_of(fut)
-            engine.release_partition(numbers.pop(fut))
+        inflight[submit.submit(run_key, part.number)] = part.number
+    wait_until(0)
     bar.update()
-    return error
+    return errors[0] if errors else None
 
 
 def _wait_any(futures: list) -> list:
