@@ -21,10 +21,12 @@ DEFAULTS: dict[str, str] = {
     "flux-fill": "black-forest-labs/FLUX.1-Fill-dev",
     "yolo": "yolo11x.pt",
     "insightface": "buffalo_l",
+    "clip": "openai/clip-vit-large-patch14",
+    "siglip": "google/siglip-so400m-patch14-384",
 }
 """The weights a backend loads when its spec names none (the adapters take theirs from here)."""
 
-_HUB = {"nvila", "qwen2.5-vl", "grounding-dino", "sam-hf", "flux-fill"}
+_HUB = {"nvila", "qwen2.5-vl", "grounding-dino", "sam-hf", "flux-fill", "clip", "siglip"}
 _PACKAGED = {"opencv-hog": "cv2", "dlib": "dlib", "mtcnn": "facenet_pytorch"}
 
 
