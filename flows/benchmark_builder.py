@@ -71,6 +71,9 @@ class Candidate:
     reason: str | None = None
     """Why the sample cannot be an identity case (the most permissive task), if it cannot."""
     random_weights: bool = False
+    subject_reason: str | None = None
+    """Why the sample cannot be a subject-consistent case, if it cannot (an unusable label: its
+    `schemas.labels` reason; a v1 sample: identity_only; ...)."""
 
 
 @dataclass
@@ -118,6 +121,7 @@ def scan_shards(shards: str | Path | Iterable[str | Path]) -> tuple[list[Candida
                 subject_ok=subject is None,
                 reason=identity,
                 random_weights=meta.random_weights,
+                subject_reason=subject,
             )
         )
     return candidates, failures
@@ -239,6 +243,34 @@ def export_selection(selection: Selection, out_dir: str | Path) -> dict[Task, Ex
     return reports
 
 
+SKIPPED_EXAMPLES = 20
+"""Keys listed per task and reason in the manifest's `skipped` section (the counts cover all of them)."""
+
+
+def skipped_report(candidates: Sequence[Candidate]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per task, per reason: how many scanned samples cannot be that task's case, and a few of their keys.
+
+    A sample with an unusable label (an attribute "face mask", a background "St. Mark's Square") is still an
+    identity case; it is skipped for the subject task only, and this says so instead of a silent shortfall.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for task_name, reason_of in (
+        ("identity", lambda c: c.reason),
+        ("subject", lambda c: c.subject_reason),
+    ):
+        per: dict[str, dict[str, Any]] = {}
+        for c in sorted(candidates, key=lambda c: c.key):
+            reason = reason_of(c)
+            if reason is None:
+                continue
+            entry = per.setdefault(reason, {"count": 0, "keys": []})
+            entry["count"] += 1
+            if len(entry["keys"]) < SKIPPED_EXAMPLES:
+                entry["keys"].append(c.key)
+        out[TASK_DIRS[task_name]] = dict(sorted(per.items()))  # type: ignore[index]
+    return out
+
+
 def _write_lines(path: Path, lines: Iterable[str]) -> None:
     atomic_write_bytes(path, "".join(f"{line}\n" for line in lines).encode("utf-8"))
 
@@ -268,6 +300,7 @@ def write_benchmark(
         "scanned_samples": len(candidates),
         "scan_failures": [asdict(f) for f in scan_failures],
         "ineligible": dict(Counter(c.reason for c in candidates if not c.identity_ok)),
+        "skipped": skipped_report(candidates),
         "random_weight_samples": sum(c.random_weights for c in candidates),
         "requested": {str(n): r for n, r in selection.requested.items()},
         "targets": {str(n): t for n, t in selection.targets.items()},
@@ -301,6 +334,13 @@ def summary_markdown(manifest: dict[str, Any]) -> str:
         + "\n".join(rows)
         + f"\n\nScanned {manifest['scanned_samples']} samples; {manifest['train_exclude_count']} keys go to "
         "train_exclude.txt.\n"
+        + "".join(
+            f"\nSkipped for {task_dir}: "
+            + ", ".join(f"{reason} ({entry['count']})" for reason, entry in reasons.items())
+            + "\n"
+            for task_dir, reasons in manifest.get("skipped", {}).items()
+            if reasons
+        )
     )
 
 
@@ -368,6 +408,10 @@ def build_benchmark(
         "allow_random_weights": allow_random_weights,
     }
     manifest = export_task(candidates, failures, selection, str(out), params)
+    for task_dir, reasons in manifest["skipped"].items():
+        if reasons:
+            counts = ", ".join(f"{reason}: {entry['count']}" for reason, entry in reasons.items())
+            log.warning("samples skipped for %s (reason: count): %s", task_dir, counts)
     if manifest["shortfall"]:
         log.warning("benchmark shortfall (persons -> missing cases): %s", manifest["shortfall"])
     create_markdown_artifact(summary_markdown(manifest), key="benchmark-summary", description=str(out))

@@ -9,13 +9,17 @@
 ```
 
 The authors' inference script parses this layout with a few rules that constrain the labels (they double as
-file names), so the record rejects labels their parser would misread:
+file names), so the record rejects labels their parser would misread (`schemas.labels`, shared with the
+entities stage and export):
 
 - the caption line is split at the first ``;`` -> a case id cannot contain ``;``;
 - any file in a subject folder whose name contains ``face`` is the face, ``face_`` is stripped -> an attribute
   label cannot contain ``face``;
 - object and background labels are read as the file name up to the first ``.`` -> they cannot contain ``.``;
 - files containing ``fullfullbody`` are skipped.
+
+Reading tolerates what copying a case around adds: dot-files (macOS ``._*`` resource forks, ``.DS_Store``) are
+ignored; subject folders must be numbered, and their numbers are kept (`CaseSubject.number`), gaps included.
 
 Every label must appear verbatim (as whole words) in the caption: the cross-attention mask finds it there by
 exact token match, so a label that is not in the caption silently conditions nothing.
@@ -25,13 +29,15 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.entities import appears_verbatim
+from schemas.labels import SKIPPED_MARKER, label_problem
 
 CAPTION_FILE = "caption.txt"
 SUBJECTS_DIR = "subjects"
@@ -40,8 +46,7 @@ BACKGROUND_DIR = "background"
 FACE_PREFIX = "face_"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Marker the authors' reader skips (an alternative whole-body image they experimented with).
-_SKIPPED_MARKER = "fullfullbody"
+_FOLDER_NUMBER = re.compile(r"^[0-9]{1,6}$")
 
 
 class CaseFormatError(ValueError):
@@ -60,10 +65,9 @@ class CaseImage(BaseModel):
     @field_validator("label")
     @classmethod
     def _label_is_a_file_name(cls, label: str) -> str:
-        if not label or label != label.strip():
-            raise ValueError(f"label {label!r} is empty or has leading/trailing whitespace")
-        if any(ch in label for ch in "/\\\0\n\r"):
-            raise ValueError(f"label {label!r} contains a character that cannot be part of a file name")
+        problem = label_problem(label)
+        if problem is not None:
+            raise ValueError(f"{problem.message}: it cannot be a file name")
         return label
 
     @model_validator(mode="after")
@@ -95,15 +99,16 @@ class CaseSubject(BaseModel):
 
     face: CaseImage
     attributes: list[CaseImage] = Field(default_factory=list)
+    number: int | None = Field(
+        None, ge=0, description="the subject folder number (read cases); None: numbered 1, 2, ... on write"
+    )
 
     @model_validator(mode="after")
     def _attribute_labels_readable(self) -> CaseSubject:
         for attr in self.attributes:
-            if "face" in attr.label.lower() or _SKIPPED_MARKER in attr.label:
-                raise ValueError(
-                    f"attribute label {attr.label!r}: the official reader takes any file whose name contains "
-                    "'face' for the face image; rephrase the label"
-                )
+            problem = label_problem(attr.label, "attribute")
+            if problem is not None:
+                raise ValueError(problem.message)
         labels = [a.label for a in self.attributes]
         if len(set(labels)) != len(labels):
             raise ValueError(f"duplicate attribute labels in one subject: {labels}")
@@ -142,16 +147,24 @@ class OfficialCase(BaseModel):
                 raise ValueError(
                     f"label {image.label!r} does not appear verbatim in the caption {self.caption!r}"
                 )
-        for image in [*self.objects, *([self.background] if self.background else [])]:
-            if "." in image.label:
-                raise ValueError(
-                    f"object/background label {image.label!r}: the official reader cuts file names at the "
-                    "first '.', so the label cannot contain '.'"
-                )
+        roles = [("object", o) for o in self.objects] + [("background", b) for b in [self.background] if b]
+        for role, image in roles:
+            problem = label_problem(image.label, role)  # type: ignore[arg-type]
+            if problem is not None:
+                raise ValueError(problem.message)
         names = [o.label for o in self.objects]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate object labels: {names}")
+        numbers = [s.number for s in self.subjects]
+        if any(n is not None for n in numbers) and (None in numbers or len(set(numbers)) != len(numbers)):
+            raise ValueError(f"subject numbers must be given for every subject and differ: {numbers}")
         return self
+
+    def subject_numbers(self) -> list[int]:
+        """The folder number of every subject: the read ones, or 1, 2, ... for cases built in memory."""
+        if self.subjects and self.subjects[0].number is not None:
+            return [s.number for s in self.subjects]  # type: ignore[misc]
+        return list(range(1, len(self.subjects) + 1))
 
     def all_images(self) -> list[CaseImage]:
         images: list[CaseImage] = []
@@ -168,25 +181,54 @@ class OfficialCase(BaseModel):
         return OfficialCase(
             case_id=self.case_id,
             caption=self.caption,
-            subjects=[CaseSubject(face=s.face) for s in self.subjects],
+            subjects=[CaseSubject(face=s.face, number=s.number) for s in self.subjects],
         )
+
+
+def _hidden(path: Path) -> bool:
+    # macOS copies leave "._<name>" AppleDouble files and .DS_Store next to every file; editors leave ".#x".
+    return path.name.startswith(".")
 
 
 def _image_files(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and _SKIPPED_MARKER not in p.name
+        if p.is_file()
+        and not _hidden(p)
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and SKIPPED_MARKER not in p.name
     )
 
 
-def _subject_sort_key(folder: Path) -> tuple[int, int | str]:
-    return (0, int(folder.name)) if folder.name.isdigit() else (1, folder.name)
+def _subject_folders(subjects_root: Path) -> list[tuple[int, Path]]:
+    """(number, folder) of every subject folder, by number; CaseFormatError for unnumbered or clashing ones."""
+    numbered: dict[int, Path] = {}
+    for folder in subjects_root.iterdir():
+        if _hidden(folder) or not folder.is_dir():
+            continue
+        if not _FOLDER_NUMBER.match(folder.name):
+            raise CaseFormatError(
+                f"{folder}: subject folders are named by their person number (1, 2, 3, ...), not {folder.name!r}"
+            )
+        number = int(folder.name)
+        if number in numbered:
+            raise CaseFormatError(f"{folder} and {numbered[number]} are both subject {number}")
+        numbered[number] = folder
+    return sorted(numbered.items())
 
 
 def read_case(case_dir: str | os.PathLike[str]) -> OfficialCase:
-    """Read a case folder; CaseFormatError for layout problems, pydantic.ValidationError for bad labels."""
-    root = Path(case_dir)
+    """Read a case folder; CaseFormatError for anything off the layout, bad labels included (the message says
+    which file and which rule)."""
+    try:
+        return _read_case(Path(case_dir))
+    except ValidationError as exc:
+        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()[:3])
+        raise CaseFormatError(f"{case_dir}: {problems}") from None
+
+
+def _read_case(root: Path) -> OfficialCase:
     caption_path = root / CAPTION_FILE
     if not caption_path.is_file():
         raise CaseFormatError(f"{root}: missing {CAPTION_FILE}")
@@ -200,19 +242,23 @@ def read_case(case_dir: str | os.PathLike[str]) -> OfficialCase:
     subjects: list[CaseSubject] = []
     subjects_root = root / SUBJECTS_DIR
     if subjects_root.is_dir():
-        for folder in sorted((p for p in subjects_root.iterdir() if p.is_dir()), key=_subject_sort_key):
+        for number, folder in _subject_folders(subjects_root):
             faces, attributes = [], []
             for path in _image_files(folder):
                 if "face" in path.name:
-                    label = path.stem[len(FACE_PREFIX) :] if path.stem.startswith(FACE_PREFIX) else ""
-                    faces.append(CaseImage(label=label, path=path))
+                    if not path.stem.startswith(FACE_PREFIX):
+                        raise CaseFormatError(
+                            f"{path}: the official reader takes any file whose name contains 'face' for the "
+                            f"face image; the face is named {FACE_PREFIX}<label> and no other file contains 'face'"
+                        )
+                    faces.append(CaseImage(label=path.stem[len(FACE_PREFIX) :], path=path))
                 else:
                     attributes.append(CaseImage(label=path.stem, path=path))
             if len(faces) != 1:
                 raise CaseFormatError(
                     f"{folder}: expected exactly one face_<label> image, found {len(faces)}"
                 )
-            subjects.append(CaseSubject(face=faces[0], attributes=attributes))
+            subjects.append(CaseSubject(face=faces[0], attributes=attributes, number=number))
 
     objects: list[CaseImage] = []
     if (root / OBJECTS_DIR).is_dir():
@@ -249,7 +295,7 @@ def write_case(case: OfficialCase, case_dir: str | os.PathLike[str], *, overwrit
     try:
         # No trailing newline: the authors' reader keeps it as part of the caption.
         (staging / CAPTION_FILE).write_bytes(f"{case.case_id};{case.caption}".encode())
-        for k, subject in enumerate(case.subjects, start=1):
+        for k, subject in zip(case.subject_numbers(), case.subjects, strict=True):
             folder = staging / SUBJECTS_DIR / str(k)
             folder.mkdir(parents=True)
             (folder / f"{FACE_PREFIX}{subject.face.label}.png").write_bytes(subject.face.png_bytes())

@@ -6,15 +6,15 @@ its image members, so hand-made or third-party cases can flow into the same tool
 
 Labels become file names in the official layout, and keys become folder names. Both come from data (model
 output, third-party shards), so neither is trusted: a label that cannot be a portable file name, or that the
-authors' reader would misread, fails the case with a reason; it is never silently rewritten, because a label
-must stay verbatim in the caption for the cross-attention mask to find it.
+authors' reader would misread, fails the case with the reason slug of `schemas.labels` (the same rules the
+entities stage applies when it makes the label); it is never silently rewritten, because a label must stay
+verbatim in the caption for the cross-attention mask to find it.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Literal
 
 from pydantic import ValidationError
 
+from schemas.labels import LabelRole, label_problem
 from schemas.official_case import CaseImage, CaseSubject, OfficialCase, read_case, write_case
 from schemas.sample import (
     SampleAttribute,
@@ -39,9 +40,6 @@ TASKS: tuple[Task, ...] = ("identity", "subject")
 META_MEMBER = "meta.json"
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
-# Characters that are not portable in file names (Windows, SMB shares, zip tools) besides '/' and NUL.
-_NON_PORTABLE = set('<>:"|?*\\')
-_MAX_NAME_BYTES = 200  # leaves room for "face_" and ".png" under the 255-byte file name limit
 # Person nouns for v1 samples, which carry no subject label: a one-person case can still be labelled.
 _PERSON_NOUNS = (
     "man",
@@ -107,21 +105,11 @@ class ShardSample:
 
 
 # ---------------------------------------------------------------------------------------------- names
-def check_label(label: str, what: str = "label") -> str:
-    """Return `label` if it can be used as a file name as is; raise ExportError("unsafe_label") otherwise."""
-    problem = None
-    if not label or label != label.strip():
-        problem = "is empty or has leading/trailing spaces"
-    elif label in (".", "..") or ".." in label or label.startswith("."):
-        problem = "contains '..' or starts with '.'"
-    elif any(ch in _NON_PORTABLE or ch == "/" for ch in label):
-        problem = "contains a path separator or a character that is not portable in file names"
-    elif any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in label):
-        problem = "contains a control character"
-    elif len(label.encode("utf-8")) > _MAX_NAME_BYTES:
-        problem = f"is longer than {_MAX_NAME_BYTES} bytes"
-    if problem:
-        raise ExportError("unsafe_label", f"{what} {label!r} {problem}: it cannot be a file name")
+def check_label(label: str, role: LabelRole | None = None) -> str:
+    """Return `label` if it can be a `role` label file as is; raise ExportError(<reason of schemas.labels>)."""
+    problem = label_problem(label, role)
+    if problem is not None:
+        raise ExportError(problem.reason, f"{problem.message}: it cannot be exported")
     return label
 
 
@@ -197,22 +185,22 @@ def case_from_sample(meta: SampleMeta, members: Mapping[str, bytes], task: Task)
     labels = subject_labels(meta)
     subjects = []
     for person, label in zip(meta.persons, labels, strict=True):
-        check_label(label, "subject label")
+        check_label(label, "subject")
         attributes = []
         if task == "subject":
             for attr in person.attributes:
-                check_label(attr.label, "attribute label")
+                check_label(attr.label, "attribute")
                 attributes.append(CaseImage(label=attr.label, data=_member(members, attr.image, key)))
         subjects.append((label, _member(members, person.face, key), attributes))
     objects, background = [], None
     if task == "subject":
         for obj in meta.objects:
             objects.append(
-                CaseImage(label=check_label(obj.label, "object label"), data=_member(members, obj.image, key))
+                CaseImage(label=check_label(obj.label, "object"), data=_member(members, obj.image, key))
             )
         if meta.background is not None:
             background = CaseImage(
-                label=check_label(meta.background.label, "background label"),
+                label=check_label(meta.background.label, "background"),
                 data=_member(members, meta.background.image, key),
             )
     try:
@@ -227,8 +215,8 @@ def case_from_sample(meta: SampleMeta, members: Mapping[str, bytes], task: Task)
             background=background,
         )
     except ValidationError as exc:
-        # The official reader would misread the case (e.g. an attribute label containing "face", an object
-        # label with a '.', duplicate labels): say which rule, do not rename behind the user's back.
+        # The labels passed check_label: what is left is a conflict between them (duplicate labels in one
+        # subject or among the objects). Say which rule, do not rename behind the user's back.
         msg = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()[:3])
         raise ExportError("label_conflict", f"{key}: {msg}") from None
 
@@ -359,23 +347,24 @@ def export_cases(
 def import_case(case_dir: str | Path) -> tuple[SampleMeta, dict[str, bytes]]:
     """Read an official case folder as a v2 sample: its meta and its image members (PNG bytes).
 
-    Member names follow the shard convention (face_<i>.png, attr_<i>_<j>.png, object_<j>.png, background.png);
-    person ids are the subject folder numbers. Masks, keyframes and boxes are unknown (None).
-    Raises schemas.official_case.CaseFormatError or pydantic.ValidationError for folders off the layout.
+    Member names follow the shard convention (face_<i>.png, attr_<i>_<j>.png, object_<j>.png, background.png,
+    i = person id); person ids are the subject folder numbers, kept as they are (folders 1 and 3 are persons 1
+    and 3). Masks, keyframes and boxes are unknown (None).
+    Raises schemas.official_case.CaseFormatError for folders off the layout, labels included.
     """
     case = read_case(case_dir)
     members: dict[str, bytes] = {}
     persons = []
-    for i, subject in enumerate(case.subjects):
-        face = f"face_{i}.png"
+    for pid, subject in zip(case.subject_numbers(), case.subjects, strict=True):
+        face = f"face_{pid}.png"
         members[face] = subject.face.png_bytes()
         attributes = []
         for j, attr in enumerate(subject.attributes):
-            name = f"attr_{i}_{j}.png"
+            name = f"attr_{pid}_{j}.png"
             members[name] = attr.png_bytes()
             attributes.append(SampleAttribute(label=attr.label, image=name))
         persons.append(
-            SamplePerson(person_id=i + 1, label=subject.face.label, face=face, attributes=attributes)
+            SamplePerson(person_id=pid, label=subject.face.label, face=face, attributes=attributes)
         )
     objects = []
     for j, obj in enumerate(case.objects):

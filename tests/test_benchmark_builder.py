@@ -172,6 +172,11 @@ def test_write_benchmark_layout_lists_and_exclusion(shards, tmp_path):
     assert len(exclude) == len(heldout) + 2
     assert "shared_video" in (out / "heldout_videos.txt").read_text().split()
     assert manifest["ineligible"] == {"unlabelled_person": 1}
+    # What was skipped, per task and reason: the "face mask" attribute keeps bad_label out of the subject task.
+    skipped = manifest["skipped"]
+    assert skipped["identity_consistent"] == {"unlabelled_person": {"count": 1, "keys": ["v1_pair"]}}
+    assert skipped["subject_consistent"]["face_in_attribute"] == {"count": 1, "keys": ["bad_label"]}
+    assert skipped["subject_consistent"]["identity_only"]["count"] == 10  # the v1 samples
 
 
 def test_flow_is_deterministic_and_protects_previous_output(shards, tmp_path, prefect_harness):

@@ -156,8 +156,38 @@ def test_read_errors(tmp_path):
     with pytest.raises(CaseFormatError, match="exactly one face"):
         read_case(tmp_path)
     (tmp_path / "subjects/1/face_man.png").write_bytes(_png((0, 0, 0)))
-    with pytest.raises(ValidationError, match="verbatim"):
-        read_case(tmp_path)  # "hat" is not in the caption
+    with pytest.raises(CaseFormatError, match="verbatim"):
+        read_case(tmp_path)  # "hat" is not in the caption: a bad folder is a CaseFormatError, labels included
+    (tmp_path / "subjects/1/hat.png").unlink()
+    (tmp_path / "subjects/1/face mask.png").write_bytes(_png((0, 0, 0)))
+    with pytest.raises(CaseFormatError, match="contains 'face'"):
+        read_case(tmp_path)  # "face mask.png" is a second face to the official reader
+    (tmp_path / "subjects/1/face mask.png").unlink()
+    (tmp_path / "subjects/man").mkdir()
+    with pytest.raises(CaseFormatError, match="person number"):
+        read_case(tmp_path)
+    (tmp_path / "subjects/man").rmdir()
+    (tmp_path / "subjects/01").mkdir()
+    with pytest.raises(CaseFormatError, match="both subject 1"):
+        read_case(tmp_path)
+
+
+def test_finder_files_are_ignored_and_folder_numbers_kept(tmp_path):
+    """The authors' data ships macOS AppleDouble files (`._face_man.png`) and .DS_Store; folders may skip
+    numbers. Person numbers are the folder numbers, gaps included, and survive a write."""
+    root = write_case(_case(), tmp_path / "case")
+    (root / "subjects/2").rename(root / "subjects/3")
+    for folder in ("subjects/1", "subjects/3", "objects", "background"):
+        (root / folder / "._face_man.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+        (root / folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "subjects/.hidden").mkdir()
+    case = read_case(root)
+    assert [(s.number, s.face.label) for s in case.subjects] == [(1, "man on the left"), (3, "woman")]
+    assert [o.label for o in case.objects] == ["wooden cutting board"]
+    assert case.subject_numbers() == [1, 3]
+    again = read_case(write_case(case, tmp_path / "again"))
+    assert [s.number for s in again.subjects] == [1, 3]
+    assert _case().subject_numbers() == [1, 2]  # built in memory: numbered on write
 
 
 def test_write_refuses_to_clobber(tmp_path):

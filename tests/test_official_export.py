@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from schemas.official_case import read_case
+from schemas.official_case import CaseFormatError, read_case
 from schemas.sample import SampleMeta, dump_sample_meta, load_sample_meta
 from tasks.official_export import (
     ExportError,
@@ -260,11 +260,11 @@ def test_meta_reader_rejects_what_it_does_not_know(change, match):
 @pytest.mark.parametrize(
     "label, reason",
     [
-        ("AC/DC shirt", "unsafe_label"),  # a path separator
+        ("AC/DC shirt", "path_separator"),
         (
             "face mask",
-            "label_conflict",
-        ),  # the official reader takes any file with "face" in its name as the face
+            "face_in_attribute",
+        ),  # the official reader takes any file with "face" in it for the face
     ],
 )
 def test_bad_attribute_labels_fail_with_reason(tmp_path, label, reason):
@@ -288,7 +288,7 @@ def test_object_label_with_dot_and_dotdot(tmp_path):
         "k_2": v2_sample("k_2", caption, persons=[("man", [])], objects=["open..now"], background="park"),
     }
     report = export_cases(write_shard(tmp_path / "s.tar", samples), tmp_path / "out")
-    assert {f.key: f.reason for f in report.failures} == {"k_1": "label_conflict", "k_2": "unsafe_label"}
+    assert {f.key: f.reason for f in report.failures} == {"k_1": "dot_in_label", "k_2": "dot_path"}
     # The identity task has no object labels: both cases are fine there.
     assert len(export_cases(tmp_path / "s.tar", tmp_path / "ident", task="identity").written) == 2
 
@@ -355,7 +355,7 @@ def test_import_round_trip(tmp_path):
     assert [o.label for o in meta.objects] == ["wooden cutting board"]
     assert meta.background is not None and meta.background.label == "modern kitchen"
     assert (
-        members["face_1.png"] == sample["face_1.png"]
+        members["face_1.png"] == sample["face_0.png"]  # folder 1 = person 1 (the sample's person 0)
         and members["background.png"] == sample["background.png"]
     )
     assert set(meta.members()) == set(members)
@@ -367,6 +367,27 @@ def test_import_round_trip(tmp_path):
     first_root, second_root = report.written["vid_007"], second.written["vid_007"]
     assert files(first_root) == files(second_root)
     assert all((first_root / f).read_bytes() == (second_root / f).read_bytes() for f in files(first_root))
+
+
+def test_import_keeps_folder_numbers_and_ignores_finder_files(tmp_path):
+    """Subject folders 1 and 3 are persons 1 and 3 (not renumbered); macOS `._*` files are not images."""
+    report = export_cases(
+        write_shard(tmp_path / "s.tar", {"vid_007": v2_sample("vid_007")}), tmp_path / "out"
+    )
+    root = report.written["vid_007"]
+    (root / "subjects/2").rename(root / "subjects/3")
+    (root / "subjects/1/._face_man on the left.png").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    (root / "subjects/3/._red dress.png").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    (root / ".DS_Store").write_bytes(b"Bud1")
+    meta, members = import_case(root)
+    assert [(p.person_id, p.label, p.face) for p in meta.persons] == [
+        (1, "man on the left", "face_1.png"),
+        (3, "woman", "face_3.png"),
+    ]
+    assert meta.persons[1].attributes[0].image == "attr_3_0.png" and set(meta.members()) == set(members)
+    (root / "subjects/three").mkdir()
+    with pytest.raises(CaseFormatError, match="person number"):
+        import_case(root)
 
 
 def test_guess_subject_noun():
