@@ -128,6 +128,7 @@ STAGE_NAMES = (
     "faces",
     "entities",
     "masks",
+    "binding",
     "background",
     "sample",
 )
@@ -208,7 +209,21 @@ class EntitiesConfig(Section):
     max_subjects: int = Field(3, ge=1, description="the released loader recommends at most 3 subjects")
     max_attributes: int = Field(3, ge=0, description="per subject; the released loader recommends at most 3")
     max_new_tokens: int = 512
-    prompt_file: str = "entities_v1.txt"
+    prompt_file: str = Field(
+        "entities_v2.txt", description="v2 passes the caption as a JSON string (data, never instructions)"
+    )
+    shared_attributes: Literal["keep", "drop", "fail"] = Field(
+        "keep",
+        description="one attribute phrase bound to several persons ('two men both wear black jackets'): keep "
+        "it for each (MCAM's template arithmetic gives its words level 0, each group keeps its own image), "
+        "drop it for all, or fail the answer (shared_attribute, shown to the model as a rule violation)",
+    )
+    refuse_injected_captions: bool = Field(
+        True,
+        description="fail a video (caption_injection) whose caption carries chat-control tokens, planted answer "
+        "JSON or 'ignore previous instructions': captions come from the internet and such text is not a "
+        "description of the video",
+    )
 
 
 class SelectConfig(Section):
@@ -228,6 +243,46 @@ class MasksConfig(Section):
     min_largest_component_frac: float = Field(
         0.6, description="share of the mask in its largest connected piece, else 'fragmented'"
     )
+    min_inside_person_frac: float = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description="share of an attribute's grounding box, and of its mask, inside its own person's box (grown "
+        "by person_margin), else 'outside person': checked here, whatever the grounder does with the region",
+    )
+    person_margin: float = Field(
+        0.05,
+        ge=0.0,
+        description="grow the person box by this fraction of its size for that check (hair, bags)",
+    )
+
+
+class BindingConfig(Section):
+    """A second model checks every attribute binding on the pixels (tasks/binding_check.py)."""
+
+    model: ModelSpec = Field(
+        ModelSpec(backend="clip", weights="openai/clip-vit-large-patch14"),
+        description="an image-text embedder (models/image_text.py) that did not make the binding: clip, siglip "
+        "or colour (offline, colour words only)",
+    )
+    on_failure: Literal["drop", "fail"] = Field(
+        "drop",
+        description="an attribute whose crop matches another person's phrase (or region) better than its own: "
+        "drop that attribute from the sample, or fail the video (binding_unverified)",
+    )
+    phrase_margin: float = Field(
+        0.0, description="the own phrase must beat the best other person's phrase by more than this (cosine)"
+    )
+    region_margin: float = Field(
+        0.0, description="the crop must match its own person's region better than another's by more than this"
+    )
+    same_text_cosine: float = Field(
+        0.98,
+        le=1.0,
+        description="another person's phrase whose text embedding is this close to the own phrase is no "
+        "evidence either way (e.g. the same phrase kept for two persons) and is left out of the comparison",
+    )
+    check_region: bool = Field(True, description="also compare the crop with every person's region")
 
 
 class BackgroundConfig(Section):
@@ -263,6 +318,7 @@ class CurateConfig(Section):
     entities: EntitiesConfig = EntitiesConfig()
     select: SelectConfig = SelectConfig()
     masks: MasksConfig = MasksConfig()
+    binding: BindingConfig = BindingConfig()
     background: BackgroundConfig = BackgroundConfig()
     extra: dict[str, Any] = Field(default_factory=dict)
 
@@ -280,6 +336,7 @@ class CurateConfig(Section):
         if self.subjects:
             specs["entities"] = [self.entities.model]
             specs["masks"] = [self.masks.grounder, self.masks.segmenter]
+            specs["binding"] = [self.binding.model]
             specs["background"] = [self.background.model]
         return [name for name, stage_specs in specs.items() if any(s.random_init for s in stage_specs)]
 

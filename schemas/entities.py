@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
+from schemas.labels import LabelRole
 from schemas.records import ModelInfo, Record
 
 AttributeKind = Literal["top", "bottom", "accessory", "hair", "other"]
@@ -44,12 +45,14 @@ _KIND_SYNONYMS = {
 
 # ---------------------------------------------------------------------------------------------- model answer
 class _Answer(BaseModel):
-    # Extra keys a chatty model adds ("reason", "box") are dropped; the fields we need are checked strictly.
+    # Extra keys a chatty model adds ("reason", "box") are dropped; the fields we need are checked strictly:
+    # a person id is a JSON integer (not true, "1" or 1.0: a model that writes those is not pointing at a box
+    # we drew), a phrase a JSON string (not a number coerced to one).
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
 
 
 class EntityAttribute(_Answer):
-    phrase: str = Field(min_length=1, description="verbatim from the caption, e.g. 'red jacket'")
+    phrase: StrictStr = Field(min_length=1, description="verbatim from the caption, e.g. 'red jacket'")
     kind: AttributeKind = "other"
 
     @field_validator("kind", mode="before")
@@ -65,8 +68,8 @@ class EntityAttribute(_Answer):
 
 
 class EntitySubject(_Answer):
-    person_id: int = Field(description="the number drawn on the person's box in the prior image")
-    noun: str = Field(min_length=1, description="verbatim subject phrase, e.g. 'man on the left'")
+    person_id: StrictInt = Field(description="the number drawn on the person's box in the prior image")
+    noun: StrictStr = Field(min_length=1, description="verbatim subject phrase, e.g. 'man on the left'")
     attributes: list[EntityAttribute] = Field(default_factory=list)
 
     @field_validator("attributes", mode="before")
@@ -80,8 +83,8 @@ class EntitySubject(_Answer):
 
 class EntitiesAnswer(_Answer):
     subjects: list[EntitySubject] = Field(default_factory=list)
-    objects: list[str] = Field(default_factory=list)
-    background: str | None = None
+    objects: list[StrictStr] = Field(default_factory=list)
+    background: StrictStr | None = None
 
     @field_validator("background", mode="before")
     @classmethod
@@ -105,6 +108,19 @@ class EntitiesAnswer(_Answer):
         return out
 
 
+class DroppedLabel(Record):
+    """An entity of a valid answer that the entities stage left out, and why (the rest of the answer is kept)."""
+
+    role: LabelRole
+    person_id: int | None = Field(None, description="the subject it belonged to (subjects and attributes)")
+    label: str
+    reason: str = Field(
+        description="a schemas.labels reason (the label cannot be exported), 'overlapping_phrase' (part of a "
+        "longer attribute of the same person) or 'shared_attribute' (entities.shared_attributes = drop)"
+    )
+    message: str
+
+
 class EntitiesRecord(Record):
     """Output of the entities stage for one video."""
 
@@ -116,6 +132,14 @@ class EntitiesRecord(Record):
     answer: EntitiesAnswer
     attempts: int = Field(ge=1, description="model calls until a valid answer (1 = first answer was valid)")
     prior_keyframes: list[int] = Field(description="keyframes shown to the model with numbered person boxes")
+    dropped: list[DroppedLabel] = Field(
+        default_factory=list, description="entities of the model's answer left out of `answer`, with reasons"
+    )
+    shared_attributes: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="attribute phrase -> the persons it is kept for, when more than one (entities."
+        "shared_attributes = keep): MCAM's template arithmetic gives its words level 0 for those groups",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ phrases

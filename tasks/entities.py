@@ -7,9 +7,21 @@ not at a word.
 
 Model output is untrusted. The answer is parsed leniently (code fences, prose around the JSON, trailing
 commas, Python-style quotes) and then checked strictly: every phrase must occur verbatim in the caption (the
-trainer's cross-attention mask finds labels by exact token match), person numbers must be ones we drew, no
-attribute may belong to two persons. A violation is shown to the model in a follow-up turn
-(`entities.max_retries` times); after that the video fails with the reason of the last violation.
+trainer's cross-attention mask finds labels by exact token match), person numbers must be JSON integers we drew.
+A violation is shown to the model in a follow-up turn (`entities.max_retries` times); after that the video fails
+with the reason of the last violation.
+
+Captions are untrusted too (they come from the internet). The prompt (entities_v2.txt) carries the caption as a
+JSON string, so quotes in it cannot close a delimiter; a caption with chat-control tokens, planted answer JSON
+or "ignore previous instructions" fails the video before any model call (`caption_injection`); and the answer is
+never a JSON object that was already in the prompt or the caption (a model that echoes its prompt does not hand
+back JSON planted there).
+
+A valid answer is then settled (`settle_answer`): an entity whose label could not be exported (schemas.labels:
+an attribute "face mask", a background "St. Mark's Square", "/", "..", NUL, ...) is dropped with its reason and
+the rest is kept; an attribute that is part of a longer attribute of the same person ("jacket" and "black
+jacket") is dropped; a phrase bound to several persons is kept for each, dropped, or fails the answer
+(`entities.shared_attributes`). The dropped entities are in the record, with their reasons.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from string import Template
 from typing import Any, Protocol
@@ -27,7 +40,14 @@ from PIL import Image, ImageDraw, ImageFont
 from pydantic import ValidationError
 
 from models.base import Registry
-from schemas.entities import EntitiesAnswer, EntitiesRecord, appears_verbatim
+from schemas.entities import (
+    DroppedLabel,
+    EntitiesAnswer,
+    EntitiesRecord,
+    EntitySubject,
+    appears_verbatim,
+)
+from schemas.labels import label_problem
 from schemas.records import Box, CaptionRecord, FacesRecord, KeyframesRecord, ModelInfo, Person
 from tasks.base import Stage, StageError, VideoContext
 from tasks.prompts import load_prompt
@@ -72,9 +92,12 @@ def render_prompt(
     max_subjects: int,
     max_attributes: int,
 ) -> str:
-    # string.Template, not str.format: the prompt shows JSON whose braces must stay literal.
+    # string.Template, not str.format: the prompt shows JSON whose braces must stay literal. The caption goes in
+    # as a JSON string (v2 prompts): quotes, backslashes and line breaks in it are escaped, so it cannot end its
+    # block and read as prompt text. v1 prompts still take it raw (${caption}).
     return Template(template).substitute(
         caption=caption,
+        caption_json=json.dumps(caption, ensure_ascii=False),
         person_ids=", ".join(str(i) for i in person_ids),
         images_sentence=(
             "The images are frames of the video." if num_images > 1 else "The image is a frame of the video."
@@ -82,6 +105,28 @@ def render_prompt(
         max_subjects=max_subjects,
         max_attributes=max_attributes,
     )
+
+
+_INJECTION_MARKERS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("a chat-control token", re.compile(r"<\|[^|<>]{1,40}\|>|\[/?INST\]|<</?SYS>>")),
+    (
+        "an instruction to the model",
+        re.compile(
+            r"\b(ignore|disregard|forget)\s+(all\s+|any\s+|the\s+|your\s+)*(previous|prior|above|earlier|"
+            r"preceding)\s+(instructions?|prompts?|rules|messages?)",
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        "an answer in JSON",
+        re.compile(r"\{\s*[\"']?(subjects|objects|background|person_id)[\"']?\s*:", re.IGNORECASE),
+    ),
+)
+
+
+def injection_markers(caption: str) -> list[str]:
+    """What in a caption addresses the model instead of describing a video (empty for a normal caption)."""
+    return [what for what, pattern in _INJECTION_MARKERS if pattern.search(caption)]
 
 
 # ---------------------------------------------------------------------------------------------- visual prior
@@ -166,11 +211,29 @@ _MAX_OBJECT_STARTS = 20
 _ANSWER_KEYS = {"subjects", "objects", "background"}
 
 
-def extract_json(text: str) -> Any:
-    """The first JSON object in a model answer.
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _answer_objects(text: str) -> list[Any]:
+    """Every object with an answer key that starts at one of the first `{` of `text` (lenient parse)."""
+    starts = [m.start() for m in re.finditer(r"\{", text)][:_MAX_OBJECT_STARTS]
+    found = []
+    for start in starts:
+        value = _decode_lenient(text[start:])
+        if isinstance(value, dict) and _ANSWER_KEYS & value.keys():
+            found.append(value)
+    return found
+
+
+def extract_json(text: str, echoes: Sequence[str] = ()) -> Any:
+    """The first JSON object in a model answer that is the model's own.
 
     Tolerates what instruction-tuned VLMs actually produce: a ```json fence, prose before or after, trailing
-    commas, Python-style single quotes and True/None. Raises InvalidAnswer("empty_answer" | "invalid_json").
+    commas, Python-style single quotes and True/None. An object that also occurs in one of `echoes` (the prompt,
+    the caption: text the model was shown) is not an answer: a model that repeats its prompt would otherwise
+    hand back the prompt's format example, or JSON planted in the caption. Raises InvalidAnswer("empty_answer" |
+    "invalid_json").
     """
     if text is None or not text.strip():
         raise InvalidAnswer("empty_answer", ["the answer was empty"])
@@ -185,10 +248,20 @@ def extract_json(text: str) -> Any:
         raise InvalidAnswer("invalid_json", ["the answer contains no JSON object"])
     # Each '{' may open the answer (prose such as "boxes {1} and {2}" can come first); inner objects (one
     # subject) also parse, so the answer is the first object that has one of the answer's keys.
+    shown = {_canonical(v) for source in echoes for v in _answer_objects(source)}
+    echoed = 0
     for start in starts:
         value = _decode_lenient(body[start:])
         if isinstance(value, dict) and _ANSWER_KEYS & value.keys():
+            if _canonical(value) in shown:
+                echoed += 1
+                continue
             return value
+    if echoed:
+        raise InvalidAnswer(
+            "invalid_json",
+            ["the answer only repeats JSON from the prompt or the caption; answer with your own JSON object"],
+        )
     raise InvalidAnswer(
         "invalid_json",
         ['the answer has no complete JSON object with "subjects" (was it cut off?)'],
@@ -222,9 +295,19 @@ def _quote(s: str) -> str:
 
 
 def validate_answer(
-    data: Any, caption: str, person_ids: list[int], *, max_subjects: int, max_attributes: int
+    data: Any,
+    caption: str,
+    person_ids: list[int],
+    *,
+    max_subjects: int,
+    max_attributes: int,
+    shared_attributes: str = "keep",
 ) -> EntitiesAnswer:
-    """Schema + binding rules. Collects every violation so one retry can fix them all."""
+    """Schema + binding rules. Collects every violation so one retry can fix them all.
+
+    `shared_attributes="fail"` makes one attribute phrase given to two persons a violation; otherwise it is
+    valid here and `settle_answer` keeps or drops it.
+    """
     if not isinstance(data, dict):
         raise InvalidAnswer("invalid_schema", [f"expected one JSON object, got {type(data).__name__}"])
     try:
@@ -280,7 +363,7 @@ def validate_answer(
             verbatim(attr.phrase, f"attribute of person {pid}")
             if attr.phrase in own:
                 problems.append(("duplicate_attribute", f"person {pid} lists {_quote(attr.phrase)} twice"))
-            elif attr.phrase in owner and owner[attr.phrase] != pid:
+            elif shared_attributes == "fail" and attr.phrase in owner and owner[attr.phrase] != pid:
                 problems.append(
                     (
                         "shared_attribute",
@@ -309,12 +392,121 @@ def validate_answer(
 
 
 def parse_answer(
-    text: str, caption: str, person_ids: list[int], *, max_subjects: int = 3, max_attributes: int = 3
+    text: str,
+    caption: str,
+    person_ids: list[int],
+    *,
+    max_subjects: int = 3,
+    max_attributes: int = 3,
+    shared_attributes: str = "keep",
+    echoes: Sequence[str] = (),
 ) -> EntitiesAnswer:
-    """Model answer text -> validated entities, or InvalidAnswer with the reason and every problem."""
+    """Model answer text -> validated entities, or InvalidAnswer with the reason and every problem.
+
+    `echoes`: text the model was shown besides the caption (the prompt); JSON found there or in the caption is
+    never taken for the answer.
+    """
     return validate_answer(
-        extract_json(text), caption, person_ids, max_subjects=max_subjects, max_attributes=max_attributes
+        extract_json(text, echoes=(caption, *echoes)),
+        caption,
+        person_ids,
+        max_subjects=max_subjects,
+        max_attributes=max_attributes,
+        shared_attributes=shared_attributes,
     )
+
+
+def _contains_words(longer: str, shorter: str) -> bool:
+    return longer != shorter and appears_verbatim(shorter, longer)
+
+
+def settle_answer(
+    answer: EntitiesAnswer, shared_attributes: str = "keep"
+) -> tuple[EntitiesAnswer, list[DroppedLabel], dict[str, list[int]]]:
+    """Drop the entities of a valid answer that cannot be used, keep the rest.
+
+    Returns the settled answer, what was dropped (with reasons) and the attribute phrases kept for several
+    persons. Dropping is entity by entity, because that is sound: an attribute or object without an image, or a
+    sample without a background plate, is still a correct sample; a subject whose noun cannot be a label is
+    left unbound (like a person the caption does not mention). The caller fails the video if no subject is left.
+    """
+    dropped: list[DroppedLabel] = []
+
+    def drop(role, label: str, reason: str, message: str, person_id: int | None = None) -> None:
+        dropped.append(
+            DroppedLabel(role=role, person_id=person_id, label=label, reason=reason, message=message)
+        )
+
+    owners: dict[str, list[int]] = {}
+    for subject in answer.subjects:
+        for attr in subject.attributes:
+            owners.setdefault(attr.phrase, []).append(subject.person_id)
+    shared = {phrase: pids for phrase, pids in owners.items() if len(pids) > 1}
+
+    subjects: list[EntitySubject] = []
+    for subject in answer.subjects:
+        pid = subject.person_id
+        problem = label_problem(subject.noun, "subject")
+        if problem is not None:
+            drop("subject", subject.noun, problem.reason, problem.message, pid)
+            for attr in subject.attributes:
+                drop(
+                    "attribute",
+                    attr.phrase,
+                    problem.reason,
+                    f"its subject was dropped: {problem.message}",
+                    pid,
+                )
+            continue
+        phrases = [a.phrase for a in subject.attributes]
+        attributes = []
+        for attr in subject.attributes:
+            problem = label_problem(attr.phrase, "attribute")
+            longer = next((p for p in phrases if _contains_words(p, attr.phrase)), None)
+            if problem is not None:
+                drop("attribute", attr.phrase, problem.reason, problem.message, pid)
+            elif longer is not None:
+                drop(
+                    "attribute",
+                    attr.phrase,
+                    "overlapping_phrase",
+                    f"attribute {attr.phrase!r} is part of {longer!r} of the same person: one thing, kept once "
+                    "under its longer name",
+                    pid,
+                )
+            elif attr.phrase in shared and shared_attributes == "drop":
+                drop(
+                    "attribute",
+                    attr.phrase,
+                    "shared_attribute",
+                    f"attribute {attr.phrase!r} is bound to persons {shared[attr.phrase]} "
+                    "(entities.shared_attributes = drop)",
+                    pid,
+                )
+            else:
+                attributes.append(attr)
+        subjects.append(subject.model_copy(update={"attributes": attributes}))
+
+    objects = []
+    for obj in answer.objects:
+        problem = label_problem(obj, "object")
+        if problem is not None:
+            drop("object", obj, problem.reason, problem.message)
+        else:
+            objects.append(obj)
+    background = answer.background
+    if background is not None and (problem := label_problem(background, "background")) is not None:
+        drop("background", background, problem.reason, problem.message)
+        background = None
+
+    kept: dict[str, list[int]] = {}
+    for subject in subjects:
+        for attr in subject.attributes:
+            if attr.phrase in shared:
+                kept.setdefault(attr.phrase, []).append(subject.person_id)
+    kept = {phrase: pids for phrase, pids in kept.items() if len(pids) > 1}
+    settled = answer.model_copy(update={"subjects": subjects, "objects": objects, "background": background})
+    return settled, dropped, kept
 
 
 def feedback_message(error: InvalidAnswer) -> str:
@@ -348,12 +540,14 @@ class _Job:
     person_ids: list[int]
     prior_keyframes: list[int]
     messages: list[dict[str, Any]]
+    prompt: str
+    """the rendered prompt text: JSON in it is never the answer"""
     answers: list[str] = field(default_factory=list)
 
 
 class EntitiesStage(Stage[EntitiesRecord]):
     name = "entities"
-    version = "2"  # 2: no prior images kept
+    version = "3"  # 2: no prior images kept; 3: settled answers (label rules, overlaps, shared attributes)
     record_type = EntitiesRecord
     requires = ("faces", "caption")
     uses_gpu = True
@@ -385,6 +579,12 @@ class EntitiesStage(Stage[EntitiesRecord]):
     # -- one video -> first conversation
     def _prepare(self, ctx: VideoContext) -> _Job:
         caption = ctx.record("caption", CaptionRecord).caption
+        if self.config.entities.refuse_injected_captions and (markers := injection_markers(caption)):
+            raise StageError(
+                "caption_injection",
+                f"the caption contains {' and '.join(markers)}: it addresses the model instead of describing "
+                "the video (entities.refuse_injected_captions)",
+            )
         faces = ctx.record("faces", FacesRecord)
         keyframes = {k.index: k for k in ctx.record("keyframes", KeyframesRecord).keyframes}
         persons = [p for p in faces.persons_with_face if p.boxes]
@@ -405,7 +605,7 @@ class EntitiesStage(Stage[EntitiesRecord]):
             self.template, caption, person_ids, len(images), cfg.max_subjects, cfg.max_attributes
         )
         content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
-        return _Job(ctx.video_id, caption, person_ids, frames, [{"role": "user", "content": content}])
+        return _Job(ctx.video_id, caption, person_ids, frames, [{"role": "user", "content": content}], text)
 
     def process(self, videos: list[VideoContext]) -> dict[str, EntitiesRecord | StageError]:
         if self.generator is None:
@@ -440,6 +640,8 @@ class EntitiesStage(Stage[EntitiesRecord]):
                         job.person_ids,
                         max_subjects=cfg.max_subjects,
                         max_attributes=cfg.max_attributes,
+                        shared_attributes=cfg.shared_attributes,
+                        echoes=(job.prompt,),
                     )
                 except InvalidAnswer as exc:
                     if attempt <= cfg.max_retries:
@@ -455,6 +657,20 @@ class EntitiesStage(Stage[EntitiesRecord]):
                             f"no valid entities after {attempt} attempt(s): {exc}; last answer: {shown!r}",
                         )
                     continue
+                answer, dropped, shared = settle_answer(answer, cfg.shared_attributes)
+                if not answer.subjects:
+                    # Every subject's noun broke a label rule: nothing left to bind, say which rule.
+                    why = "; ".join(d.message for d in dropped if d.role == "subject")
+                    results[job.video_id] = StageError(
+                        dropped[0].reason, f"no usable subject label is left: {why}"
+                    )
+                    continue
+                if dropped:
+                    logger.info(
+                        "%s: dropped %s",
+                        job.video_id,
+                        ", ".join(f"{d.label!r} ({d.reason})" for d in dropped),
+                    )
                 results[job.video_id] = EntitiesRecord(
                     video_id=job.video_id,
                     model=self.generator.info,
@@ -462,6 +678,8 @@ class EntitiesStage(Stage[EntitiesRecord]):
                     answer=answer,
                     attempts=attempt,
                     prior_keyframes=job.prior_keyframes,
+                    dropped=dropped,
+                    shared_attributes=shared,
                 )
             pending = retry
         return results

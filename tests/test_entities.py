@@ -34,6 +34,7 @@ from tasks.entities import (
     extract_json,
     load_prompt,
     parse_answer,
+    settle_answer,
 )
 from tasks.keyframes import keyframe_name
 
@@ -203,11 +204,30 @@ def test_binding_keeps_attributes_apart():
     assert by_id == {1: {"red jacket"}, 2: {"blue shirt"}}
 
 
-def test_attribute_given_to_both_persons_fails():
+def test_attribute_given_to_both_persons_fails_when_asked_to():
     with pytest.raises(InvalidAnswer) as info:
-        parse(BOTH_RED)
+        parse(BOTH_RED, shared_attributes="fail")
     assert info.value.reason == "shared_attribute"
     assert '"red jacket" is given to person 1 and person 2' in str(info.value)
+
+
+def test_shared_attribute_is_kept_for_both_or_dropped_for_both():
+    """ "Two men both wear black jackets": the phrase is valid for both persons. `keep` (default) binds it to
+    each (MCAM cancels its words to level 0, each group keeps its own image); `drop` removes it from both."""
+    answer = parse(BOTH_RED)
+    kept, dropped, shared = settle_answer(answer, "keep")
+    assert [[a.phrase for a in s.attributes] for s in kept.subjects] == [
+        ["red jacket"],
+        ["red jacket", "blue shirt"],
+    ]
+    assert dropped == [] and shared == {"red jacket": [1, 2]}
+    gone, dropped, shared = settle_answer(answer, "drop")
+    assert [[a.phrase for a in s.attributes] for s in gone.subjects] == [[], ["blue shirt"]]
+    assert [(d.person_id, d.label, d.reason) for d in dropped] == [
+        (1, "red jacket", "shared_attribute"),
+        (2, "red jacket", "shared_attribute"),
+    ]
+    assert shared == {}
 
 
 def test_case_mismatch_is_not_verbatim_with_hint():
@@ -228,12 +248,12 @@ def test_word_boundaries():
 
 
 def test_lenient_shapes_are_normalised():
-    # Bare attribute strings, synonyms for kinds, string person ids, "none" background, extra keys.
+    # Bare attribute strings, synonyms for kinds, "none" background, extra keys.
     text = json.dumps(
         {
             "subjects": [
                 {
-                    "person_id": "1",
+                    "person_id": 1,
                     "noun": "man on the left",
                     "attributes": ["red jacket"],
                     "box": [1, 2, 3, 4],
@@ -253,6 +273,20 @@ def test_lenient_shapes_are_normalised():
     assert answer.subjects[0].person_id == 1 and answer.subjects[0].attributes[0].kind == "other"
     assert answer.subjects[1].attributes[0].kind == "top"
     assert answer.objects == [] and answer.background is None
+
+
+@pytest.mark.parametrize("pid", [True, "1", 1.0, "one", None, [1]])
+def test_person_id_is_a_json_integer(pid):
+    """true, "1" and 1.0 are not the number drawn on a box: strict types, shown to the model as a schema error."""
+    text = json.dumps({**GOOD, "subjects": [{**GOOD["subjects"][0], "person_id": pid}, GOOD["subjects"][1]]})
+    with pytest.raises(InvalidAnswer) as info:
+        parse(text)
+    assert info.value.reason == "invalid_schema" and "person_id" in str(info.value)
+
+
+def test_phrases_are_json_strings():
+    assert reason_of(json.dumps({**GOOD, "objects": [7]})) == "invalid_schema"
+    assert reason_of(json.dumps({**GOOD, "background": 1})) == "invalid_schema"
 
 
 def test_schema_errors():
@@ -423,7 +457,7 @@ def test_stage_retries_with_error_feedback():
     stage = EntitiesStage(_config(max_retries=2), generator=gen)
     out = stage.process([ctx])["vid_a"]
     assert isinstance(out, EntitiesRecord), out
-    assert out.attempts == 2 and out.prompt_version == "entities_v1.txt"
+    assert out.attempts == 2 and out.prompt_version == "entities_v2.txt"
     assert {s.person_id: [a.phrase for a in s.attributes] for s in out.answer.subjects} == {
         1: ["red jacket"],
         2: ["blue shirt"],
@@ -452,7 +486,7 @@ def test_stage_fails_with_reason_after_retries_and_batches_retries():
     a = _make_video("vid_a", CAPTION, TWO)
     b = _make_video("vid_b", SAME_NOUN_CAPTION, TWO[:2])
     gen = ScriptedGenerator({"busy café": [BOTH_RED, BOTH_RED], "city street": [SAME_NOUN]})
-    out = EntitiesStage(_config(max_retries=1), generator=gen).process([a, b])
+    out = EntitiesStage(_config(max_retries=1, shared_attributes="fail"), generator=gen).process([a, b])
     assert isinstance(out["vid_b"], EntitiesRecord) and out["vid_b"].attempts == 1
     err = out["vid_a"]
     assert isinstance(err, StageError) and err.reason == "shared_attribute"
