@@ -8,7 +8,11 @@ For each video of the batch and each of its keyframes:
 - SAM turns each grounding box into a mask, and each person box (every person of the faces record, bound to a
   subject or not) into a **whole-person** mask: subjects need it for their whole-person cut-out, and the
   background stage must remove everybody from the plate;
-- `tasks.mask_ops.check_mask` rejects empty, too small, too large, fragmented or mostly-outside-the-box masks.
+- `tasks.mask_ops.check_mask` rejects empty, too small, too large, fragmented or mostly-outside-the-box masks;
+- an attribute's grounding box and its mask must lie inside its own person's box (grown by
+  `masks.person_margin`), by this stage's own check (`masks.min_inside_person_frac`), whatever the grounder does
+  with the search region: a grounder that ignores the region (or a future backend that does not clip to it)
+  cannot bind another person's jacket to this one. Otherwise the keyframe's reason is "outside person".
 
 Every entity gets one `MaskFrame` per keyframe, valid or not, with the reason when not, so a sample's missing
 attribute can always be explained. Masks are 1-bit PNGs of the full frame in the video's media
@@ -35,7 +39,7 @@ from schemas.config import MasksConfig
 from schemas.entities import EntitiesRecord
 from schemas.records import Box, FacesRecord, KeyframesRecord, ModelInfo, Person, Record
 from tasks.base import Stage, StageError, VideoContext
-from tasks.mask_ops import MaskCheck, check_mask
+from tasks.mask_ops import MaskCheck, as_bool_mask, check_mask
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,17 @@ EntityKind = Literal["person", "attribute", "object"]
 # Reasons a keyframe gives no mask for an entity, besides check_mask's own ("empty", "too small", ...).
 NOT_ON_KEYFRAME = "person not on keyframe"
 NOT_GROUNDED = "not grounded"
+OUTSIDE_PERSON = "outside person"
+
+
+def mask_inside_frac(mask: np.ndarray, region: Box) -> float:
+    """Share of the mask's pixels inside `region` (rounded outward, as check_mask counts); 0.0 when empty."""
+    mask = as_bool_mask(mask)
+    total = int(mask.sum())
+    if total == 0:
+        return 0.0
+    x0, y0, x1, y1 = region.pixel_bounds(mask.shape[1], mask.shape[0])
+    return int(mask[y0:y1, x0:x1].sum()) / total
 
 
 # ---------------------------------------------------------------------------------------------- entity keys
@@ -126,6 +141,8 @@ class _Prompt:
     frame: _Frame
     entity: EntityMasks
     result: MaskFrame
+    person_region: Box | None = None
+    """attributes: their person's box grown by `masks.person_margin`; the mask must lie inside it"""
 
 
 @dataclass
@@ -137,7 +154,7 @@ class _Video:
 
 class MasksStage(Stage[MasksRecord]):
     name = "masks"
-    version = "2"  # 2: masks in memory
+    version = "3"  # 2: masks in memory; 3: attributes checked inside their own person
     record_type = MasksRecord
     requires = ("entities", "keyframes", "faces")
     uses_gpu = True
@@ -278,15 +295,42 @@ class MasksStage(Stage[MasksRecord]):
                     targets.append((fr, by_kind["object"]))
 
         found = self.grounder.detect(images, phrases, regions) if images else []
-        for (fr, entities), boxes in zip(targets, found, strict=True):
+        if len(found) != len(images):
+            raise RuntimeError(f"grounder returned {len(found)} results for {len(images)} images")
+        for (fr, entities), region, boxes in zip(targets, regions, found, strict=True):
+            person_region = (
+                region.expand(self.cfg.person_margin, fr.image.width, fr.image.height)
+                if region is not None
+                else None
+            )
             for e in entities:
-                # Boxes come best first: the first one of a phrase is its grounding.
-                best = next((b for b in boxes if b.phrase == e.label), None)
-                if best is None:
+                # Boxes come best first: the first one of a phrase is its grounding. For an attribute, the best
+                # one inside its person: a box elsewhere is another person's (or nobody's) thing.
+                mine = [b for b in boxes if b.phrase == e.label]
+                if person_region is not None:
+                    inside = [
+                        b
+                        for b in mine
+                        if b.box.fraction_inside(person_region) >= self.cfg.min_inside_person_frac
+                    ]
+                    if mine and not inside:
+                        best = mine[0]
+                        e.frames.append(
+                            MaskFrame(
+                                keyframe=fr.keyframe,
+                                box=best.box,
+                                score=round(best.score, 4),
+                                reason=OUTSIDE_PERSON,
+                            )
+                        )
+                        continue
+                    mine = inside
+                if not mine:
                     e.frames.append(MaskFrame(keyframe=fr.keyframe, reason=NOT_GROUNDED))
                     continue
+                best = mine[0]
                 result = MaskFrame(keyframe=fr.keyframe, box=best.box, score=round(best.score, 4))
-                prompts[(fr.video_id, fr.keyframe)].append(_Prompt(fr, e, result))
+                prompts[(fr.video_id, fr.keyframe)].append(_Prompt(fr, e, result, person_region))
         return prompts
 
     # -- step 2: boxes -> masks, one batched call; check and save every mask
@@ -314,7 +358,13 @@ class MasksStage(Stage[MasksRecord]):
                     min_inside_frac=cfg.min_inside_frac,
                     min_largest_component_frac=cfg.min_largest_component_frac,
                 )
-                if result.check.ok:
+                if (
+                    result.check.ok
+                    and prompt.person_region is not None
+                    and mask_inside_frac(pred.mask, prompt.person_region) < cfg.min_inside_person_frac
+                ):
+                    result.reason = OUTSIDE_PERSON  # the box was inside, SAM's mask spilled onto someone else
+                elif result.check.ok:
                     result.mask = video_of[fr.video_id].ctx.put(
                         f"masks/k{fr.keyframe}_{prompt.entity.key}.png",
                         # mode "1": 1 bit per pixel

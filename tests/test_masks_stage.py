@@ -11,11 +11,19 @@ from PIL import Image
 from subject_fixtures import FakeGrounder, FakeSegmenter, ScriptedEntities, build_world
 
 from models.base import ModelSpec
+from models.grounding import GroundedBox
 from schemas.config import CurateConfig, MasksConfig
-from schemas.records import FacesRecord
+from schemas.records import Box, FacesRecord, ModelInfo
 from tasks.base import VideoContext
 from tasks.entities import EntitiesStage
-from tasks.masks import NOT_GROUNDED, NOT_ON_KEYFRAME, MasksRecord, MasksStage
+from tasks.masks import (
+    NOT_GROUNDED,
+    NOT_ON_KEYFRAME,
+    OUTSIDE_PERSON,
+    MasksRecord,
+    MasksStage,
+    mask_inside_frac,
+)
 from tasks.runner import run_stage
 
 
@@ -160,3 +168,67 @@ def test_masks_stage_with_tiny_random_models(world):
     # With zero thresholds every phrase gets a box, so every entity reached SAM and was checked.
     checked = [f for rec in out.values() for e in rec.entities for f in e.frames if f.check is not None]
     assert checked and all(np.isfinite(f.check.area_frac) for f in checked)
+
+
+class RegionBlindGrounder:
+    """Ignores the search region and answers in frame coordinates: each attribute phrase is found on the OTHER
+    person (about 250 px outside its own person box), "long strawberry-blonde hair" also (weaker) on its own."""
+
+    info = ModelInfo(backend="region-blind")
+    ELSEWHERE = {
+        "black top": Box(x0=430, y0=150, x1=570, y1=300),  # person 0's phrase, on person 1
+        "dark red shirt": Box(x0=80, y0=150, x1=260, y1=300),  # person 1's phrase, on person 0
+        "long strawberry-blonde hair": Box(x0=450, y0=10, x1=560, y1=120),
+    }
+
+    def detect(self, images, phrases, regions=None):
+        out = []
+        for item, region in zip(phrases, regions or [None] * len(images)):
+            found = []
+            for phrase in item:
+                if phrase in self.ELSEWHERE:
+                    found.append(GroundedBox(phrase, self.ELSEWHERE[phrase], 0.9))
+                if phrase == "long strawberry-blonde hair":
+                    found.append(GroundedBox(phrase, Box(x0=60, y0=10, x1=200, y1=200), 0.5))
+                if region is None:
+                    found.append(GroundedBox(phrase, Box(x0=305, y0=60, x1=390, y1=140), 0.8))
+            out.append(found)
+        return out
+
+
+def test_attributes_outside_their_person_are_rejected_by_the_stage_itself(world):
+    """The grounding adapter's clipping is not what keeps an attribute on its person: this stage checks."""
+    two = world.ids["two_people"]
+    stage = MasksStage(CurateConfig(subjects=True), grounder=RegionBlindGrounder(), segmenter=FakeSegmenter())
+    out, contexts = _run(world, stage)
+    by_key = {e.key: e for e in out[two].entities}
+    for key in ("attr_0_0", "attr_1_0"):  # black top, dark red shirt: only found on the other person
+        assert by_key[key].reasons() == dict.fromkeys([0, 1, 2], OUTSIDE_PERSON), key
+        assert by_key[key].valid_keyframes() == []
+    # The hair is also found (weaker) inside its own person: that box is the grounding, not the stronger one.
+    hair = by_key["attr_0_1"]
+    assert hair.valid_keyframes() == [0, 1, 2]
+    assert all(f.box == Box(x0=60, y0=10, x1=200, y1=200) for f in hair.frames)
+    persons = {p.person_id: p for p in contexts[two].record("faces", FacesRecord).persons}
+    for e in out[two].entities:
+        if e.kind == "attribute":
+            for f in e.frames:
+                if f.ok:
+                    region = persons[e.person_id].boxes[f.keyframe]
+                    assert mask_inside_frac(contexts[two].mask(f.mask), region) >= 0.9
+    # What the issue found: without the stage's own check the misplaced attributes were accepted.
+    lax = MasksStage(
+        CurateConfig(subjects=True, masks=MasksConfig(min_inside_person_frac=0.0)),
+        grounder=RegionBlindGrounder(),
+        segmenter=FakeSegmenter(),
+    )
+    loose, _ = _run(world, lax)
+    assert {e.key: e for e in loose[two].entities}["attr_0_0"].valid_keyframes() == [0, 1, 2]
+
+
+def test_mask_inside_frac():
+    mask = np.zeros((10, 20), bool)
+    mask[2:6, 4:14] = True  # 40 pixels
+    assert mask_inside_frac(mask, Box(x0=0, y0=0, x1=20, y1=10)) == 1.0
+    assert mask_inside_frac(mask, Box(x0=0, y0=0, x1=9, y1=10)) == 0.5
+    assert mask_inside_frac(np.zeros((4, 4), bool), Box(x0=0, y0=0, x1=4, y1=4)) == 0.0
