@@ -163,6 +163,7 @@ def check_weights(config: CurateConfig) -> None:
             ("entities", config.entities.model),
             ("masks.grounder", config.masks.grounder),
             ("masks.segmenter", config.masks.segmenter),
+            ("binding", config.binding.model),
             ("background", config.background.model),
         ]
     problems = [f"{stage}: {why}" for stage, spec in specs if (why := missing(spec)) is not None]

@@ -150,3 +150,59 @@ def appears_verbatim(phrase: str, text: str) -> bool:
     substring of a longer word would condition nothing.
     """
     return bool(phrase) and re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text) is not None
+
+
+# ------------------------------------------------------------------------------------------- visual binding check
+BindingVerdict = Literal["verified", "failed", "unverified", "no_mask"]
+
+
+class BindingScore(Record):
+    """The visual check of one attribute binding (tasks/binding_check.py), scores averaged over the keyframes
+    where the attribute has a valid mask. Cosine similarities of the checking model (not comparable across
+    models: CLIP ~0.2-0.35 for a match, the colour matcher 0-1)."""
+
+    key: str = Field(description="attr_<person_id>_<j>, as in the masks record")
+    person_id: int
+    label: str
+    verdict: BindingVerdict = Field(
+        description="verified: the crop matches its own phrase better than every other person's phrase and no "
+        "check failed; failed: another person's phrase or region matches better; unverified: no evidence either "
+        "way (no other person's phrase to compare, or the model sees no signal in the phrase); no_mask: no valid "
+        "mask to look at"
+    )
+    reason: str | None = Field(None, description="why failed or unverified, in words")
+    keyframes: list[int] = Field(default_factory=list)
+    phrase_score: float | None = Field(None, description="crop vs its own phrase")
+    other_phrase_score: float | None = Field(
+        None, description="crop vs the best-matching other person's phrase"
+    )
+    other_phrase: str | None = None
+    other_phrase_person: int | None = None
+    region_score: float | None = Field(None, description="crop vs its own person's region")
+    other_region_score: float | None = Field(
+        None, description="crop vs the best-matching other person's region"
+    )
+    other_region_person: int | None = None
+
+    @property
+    def phrase_margin(self) -> float | None:
+        if self.phrase_score is None or self.other_phrase_score is None:
+            return None
+        return self.phrase_score - self.other_phrase_score
+
+
+class BindingRecord(Record):
+    """Output of the binding check for one video: one score per attribute of the entities answer."""
+
+    video_id: str
+    model: ModelInfo
+    on_failure: Literal["drop", "fail"]
+    attributes: list[BindingScore] = Field(default_factory=list)
+
+    def get(self, key: str) -> BindingScore | None:
+        return next((a for a in self.attributes if a.key == key), None)
+
+    def dropped(self, key: str) -> bool:
+        """Whether the sample must leave this attribute out (it failed and the policy is drop)."""
+        score = self.get(key)
+        return score is not None and score.verdict == "failed"

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from schemas.entities import AttributeKind, appears_verbatim
+from schemas.entities import AttributeKind, BindingScore, appears_verbatim
 from schemas.records import Box, FaceQuality, ModelInfo, Record
 
 SchemaVersion = Literal[1, 2]
@@ -95,6 +95,11 @@ class SampleAttribute(Record):
     score: float | None = Field(None, description="grounding score")
     mask_score: float | None = Field(None, description="SAM's predicted IoU")
     cutout_box: Box | None = Field(None, description="the cut-out's crop in the keyframe, pixels")
+    binding: BindingScore | None = Field(
+        None,
+        description="the visual binding check (tasks/binding_check.py): verdict and the scores against its own "
+        "and the other persons' phrases and regions; None for samples made before it or imported cases",
+    )
 
     @field_validator("image", "mask")
     @classmethod

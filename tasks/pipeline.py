@@ -23,12 +23,14 @@ def stage_classes(config: CurateConfig) -> list[type[Stage]]:
 
     stages: list[type[Stage]] = [IngestStage, KeyframesStage, CaptionStage, PersonsStage, FacesStage]
     if config.subjects:
-        # Subject-consistent curation (v2 samples): entity words -> masks -> keyframe selection + clean plate.
+        # Subject-consistent curation (v2 samples): entity words -> masks -> visual check of every binding ->
+        # keyframe selection + clean plate (after the check: a video it fails costs no FLUX call).
         from tasks.background import BackgroundStage
+        from tasks.binding_check import BindingCheckStage
         from tasks.entities import EntitiesStage
         from tasks.masks import MasksStage
 
-        stages += [EntitiesStage, MasksStage, BackgroundStage]
+        stages += [EntitiesStage, MasksStage, BindingCheckStage, BackgroundStage]
     return [*stages, SampleStage]
 
 

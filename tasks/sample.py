@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from schemas.config import fingerprint
-from schemas.entities import EntitiesRecord
+from schemas.entities import BindingRecord, EntitiesRecord
 from schemas.records import Box, CaptionRecord, FacesRecord, KeyframesRecord, ModelInfo, PersonsRecord
 from schemas.sample import (
     BackgroundStatus,
@@ -58,7 +58,7 @@ from tasks.mask_ops import EmptyMaskError, cutout_on_white, foreground_union, ma
 from tasks.masks import MaskFrame, MasksRecord, attribute_key, object_key, person_key
 
 V1_REQUIRES = ("caption", "keyframes", "faces")
-SUBJECT_REQUIRES = ("entities", "masks", "background")
+SUBJECT_REQUIRES = ("entities", "masks", "binding", "background")
 
 
 def producer() -> str:
@@ -119,6 +119,7 @@ class SampleStage(Stage[SampleRecord]):
             models["entities"] = ctx.record("entities", EntitiesRecord).model
             models["masks.grounder"] = masks.grounder
             models["masks.segmenter"] = masks.segmenter
+            models["binding"] = ctx.record("binding", BindingRecord).model
             if bg.inpainter is not None:
                 models["background.inpainter"] = bg.inpainter
             if bg.plate_checker is not None:
@@ -272,6 +273,7 @@ class _SubjectSample:
         self.caption, self.keyframes, self.faces, self.clip = caption, keyframes, faces, clip
         self.entities = ctx.record("entities", EntitiesRecord)
         self.masks = ctx.record("masks", MasksRecord)
+        self.binding = ctx.record("binding", BindingRecord)
         self.background = ctx.record("background", BackgroundRecord)
         self.selection = self.background.selection
         self.dropped: list[DroppedEntity] = []
@@ -332,6 +334,10 @@ class _SubjectSample:
             attributes: list[SampleAttribute] = []
             for j, attr in enumerate(subject.attributes):
                 key = attribute_key(pid, j)
+                if self.binding.dropped(key):
+                    score = self.binding.get(key)
+                    self._drop(key, attr.phrase, f"binding_unverified: {score.reason if score else ''}")
+                    continue
                 chosen = self._chosen(key, attr.phrase)
                 if chosen is None:
                     continue
@@ -349,6 +355,7 @@ class _SubjectSample:
                         score=mf.score,
                         mask_score=mf.mask_score,
                         cutout_box=cut_box,
+                        binding=self.binding.get(key),
                     )
                 )
             whole = self._whole(pid, subject.noun, len(subject.attributes))
@@ -367,6 +374,11 @@ class _SubjectSample:
                     **whole,
                 )
             )
+        for d in self.entities.dropped:  # what the entities stage left out of its answer (label rules, ...)
+            key = {"attribute": "attr", "subject": "subject"}.get(d.role, d.role)
+            self._drop(
+                key if d.person_id is None else f"{key}_{d.person_id}", d.label, f"{d.reason}: {d.message}"
+            )
         if not groups:
             raise StageError("no_subject", "no subject bound by the entities stage has a usable face")
         objects = self._objects()
@@ -382,6 +394,8 @@ class _SubjectSample:
         # Attribute masks of the same keyframe join the person mask: accessories stick out of it.
         parts = []
         for j in range(num_attributes):
+            if self.binding.dropped(attribute_key(pid, j)):
+                continue  # a mask that failed the binding check is not this person's: not part of them
             entity = self.masks.get(attribute_key(pid, j))
             af = entity.frame(k) if entity is not None else None
             if af is not None and af.ok:

@@ -40,13 +40,18 @@ def test_paper_profile_on_one_8_gpu_node_follows_the_written_arithmetic():
     out = plan([node], cfg.run.stages, order)
     c = counts(out)
     assert (
-        c["caption"] == 1 and c["entities"] == 1 and c["persons"] == 1 and c["faces"] == 1 and c["masks"] == 1
+        c["caption"] == 1
+        and c["entities"] == 1
+        and c["persons"] == 1
+        and c["faces"] == 1
+        and c["masks"] == 1
+        and c["binding"] == 1
     )
     assert c["background"] == 5  # FLUX, the slowest stage, gets every GPU left: 1 + 1 + 1 (shared) + 5 = 8
     gpus_used = Counter(g for r in out for g in r.gpus)
     assert len(gpus_used) == 8  # every GPU of the node has work
-    shared = {r.gpus for r in out if r.stage in ("persons", "faces", "masks")}
-    assert len(shared) == 1  # YOLO, insightface and GroundingDINO+SAM share one GPU (0.25 + 0.25 + 0.5)
+    shared = {r.gpus for r in out if r.stage in ("persons", "faces", "masks", "binding")}
+    assert len(shared) == 1  # YOLO, insightface, GroundingDINO+SAM and CLIP share one GPU (4 x 0.25)
 
 
 def test_more_nodes_need_no_new_config():

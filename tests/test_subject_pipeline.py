@@ -24,12 +24,14 @@ from PIL import Image
 from subject_fixtures import FakeGrounder, FakePlateDetector, FakeSegmenter, ScriptedEntities, build_world
 
 from models.base import ModelSpec
+from models.image_text import IMAGE_TEXT
 from models.inpainter import INPAINTERS
 from schemas.config import STAGE_NAMES, BackgroundConfig, ClipConfig, CurateConfig, ShardConfig
 from schemas.entities import appears_verbatim
 from schemas.sample import SampleMeta, SampleRecord, load_sample_meta
 from tasks.background import BackgroundStage
 from tasks.base import VideoContext
+from tasks.binding_check import BindingCheckStage
 from tasks.entities import EntitiesStage
 from tasks.masks import MasksStage
 from tasks.official_export import export_cases, import_case
@@ -62,6 +64,8 @@ def _stages(flux) -> list:
     return [
         EntitiesStage(CONFIG, generator=ScriptedEntities()),
         MasksStage(CONFIG, grounder=FakeGrounder(), segmenter=FakeSegmenter()),
+        # The offline colour matcher checks the bindings (CONFIG's CLIP is not on this machine).
+        BindingCheckStage(CONFIG, embedder=IMAGE_TEXT.build(ModelSpec(backend="colour"))),
         BackgroundStage(CONFIG, inpainter=flux, plate_detector=FakePlateDetector(first_n=0)),
     ]
 
@@ -189,6 +193,11 @@ def test_v2_sample_formats_and_relation_graph(curated):
     assert meta.background_status.flux_calls == 1 and meta.background_status.status == "ok"
     assert flux.pipe.calls == [1]
     assert meta.dropped == []
+    # Every attribute carries its visual binding check (the colour matcher: real, no random weights).
+    bindings = {a.label: a.binding for p in meta.persons for a in p.attributes}
+    assert all(b is not None and b.verdict != "failed" for b in bindings.values()), bindings
+    assert bindings["long strawberry-blonde hair"].verdict == "unverified"  # no colour word: no evidence
+    assert meta.models["binding"].backend == "colour" and "binding" not in meta.random_weight_stages
     assert meta.random_weights and "background" in meta.random_weight_stages  # tiny FLUX
     assert record.random_weights
     assert meta.video.content_id == w.ids["two_people"]
@@ -289,14 +298,15 @@ def test_manifest_reads_v2_samples(curated):
 def test_pipeline_order_follows_the_switch():
     names = [c.name for c in stage_classes(CONFIG)]
     v1_names = ["ingest", "keyframes", "caption", "persons", "faces"]
-    assert names == [*v1_names, "entities", "masks", "background", "sample"]
+    assert names == [*v1_names, "entities", "masks", "binding", "background", "sample"]
     v1 = CONFIG.model_copy(update={"subjects": False})
     assert [c.name for c in stage_classes(v1)] == [*v1_names, "sample"]
     # The v1 sample fingerprint ignores the subject stages; the v2 one covers them.
-    up = {s: s for s in ["caption", "keyframes", "faces", "entities", "masks", "background"]}
-    changed = dict(up, masks="other")
-    assert SampleStage(v1).fingerprint(up) == SampleStage(v1).fingerprint(changed)
-    assert SampleStage(CONFIG).fingerprint(up) != SampleStage(CONFIG).fingerprint(changed)
+    up = {s: s for s in ["caption", "keyframes", "faces", "entities", "masks", "binding", "background"]}
+    for stage in ("masks", "binding"):
+        changed = dict(up, **{stage: "other"})
+        assert SampleStage(v1).fingerprint(up) == SampleStage(v1).fingerprint(changed)
+        assert SampleStage(CONFIG).fingerprint(up) != SampleStage(CONFIG).fingerprint(changed)
     # And so do the pipeline's fingerprints: a masks setting changes the v2 sample's, not the v1 one's.
     masks = CONFIG.masks.model_copy(update={"min_area_frac": 0.5 * CONFIG.masks.min_area_frac})
 
