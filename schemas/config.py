@@ -274,7 +274,9 @@ class BindingConfig(Section):
         0.0, description="the own phrase must beat the best other person's phrase by more than this (cosine)"
     )
     region_margin: float = Field(
-        0.0, description="the crop must match its own person's region better than another's by more than this"
+        0.0,
+        description="fail when more of the attribute's mask lies on another person's region (SAM mask, else "
+        "box) than on its own, by more than this share",
     )
     same_text_cosine: float = Field(
         0.98,
@@ -282,7 +284,9 @@ class BindingConfig(Section):
         description="another person's phrase whose text embedding is this close to the own phrase is no "
         "evidence either way (e.g. the same phrase kept for two persons) and is left out of the comparison",
     )
-    check_region: bool = Field(True, description="also compare the crop with every person's region")
+    check_region: bool = Field(
+        True, description="also check whose region (person mask) the attribute's mask is on"
+    )
 
 
 class BackgroundConfig(Section):

@@ -159,14 +159,15 @@ BindingVerdict = Literal["verified", "failed", "unverified", "no_mask"]
 class BindingScore(Record):
     """The visual check of one attribute binding (tasks/binding_check.py), scores averaged over the keyframes
     where the attribute has a valid mask. Cosine similarities of the checking model (not comparable across
-    models: CLIP ~0.2-0.35 for a match, the colour matcher 0-1)."""
+    models: CLIP ~0.2-0.35 for a match, the colour matcher 0-1); region scores are shares of mask pixels."""
 
     key: str = Field(description="attr_<person_id>_<j>, as in the masks record")
     person_id: int
     label: str
     verdict: BindingVerdict = Field(
         description="verified: the crop matches its own phrase better than every other person's phrase and no "
-        "check failed; failed: another person's phrase or region matches better; unverified: no evidence either "
+        "check failed; failed: another person's phrase matches better, or more of the mask lies on another "
+        "person; unverified: no evidence either "
         "way (no other person's phrase to compare, or the model sees no signal in the phrase); no_mask: no valid "
         "mask to look at"
     )
@@ -178,9 +179,11 @@ class BindingScore(Record):
     )
     other_phrase: str | None = None
     other_phrase_person: int | None = None
-    region_score: float | None = Field(None, description="crop vs its own person's region")
+    region_score: float | None = Field(
+        None, description="share of the attribute's mask inside its own person's region (SAM mask, else box)"
+    )
     other_region_score: float | None = Field(
-        None, description="crop vs the best-matching other person's region"
+        None, description="the largest share of the mask inside another person's region"
     )
     other_region_person: int | None = None
 
