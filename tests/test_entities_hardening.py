@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from test_entities import TWO, ScriptedGenerator, _make_video, _person
 
@@ -12,7 +13,8 @@ from flows.sample_data import CAPTIONS
 from schemas.config import CurateConfig, EntitiesConfig
 from schemas.entities import EntitiesRecord
 from schemas.labels import LABEL_REASONS, check_label, label_problem
-from tasks.base import StageError
+from schemas.official_case import CaseImage, CaseSubject, OfficialCase, read_case, write_case
+from tasks.base import StageError, encode_png
 from tasks.entities import EntitiesStage, InvalidAnswer, extract_json, injection_markers, render_prompt
 
 # ---------------------------------------------------------------------------------------------- injection
@@ -260,7 +262,7 @@ HARD = {
 
 
 @pytest.mark.parametrize("case", list(HARD))
-def test_official_hard_cases_pass_whole(case):
+def test_official_hard_cases_pass_whole(case, tmp_path):
     caption, answer = HARD[case]
     persons = [_person(pid, {1: (10 + 100 * pid, 20, 90 + 100 * pid, 170)}) for pid in (1, 2, 3)]
     gen = ScriptedGenerator({caption[-20:]: [json.dumps(answer)]})
@@ -269,3 +271,24 @@ def test_official_hard_cases_pass_whole(case):
     assert out.dropped == [] and out.shared_attributes == {}
     assert [s.noun for s in out.answer.subjects] == [s["noun"] for s in answer["subjects"]]
     assert out.answer.background == answer["background"]  # a comma is fine in a label
+    # And the official layout takes them as they are: two "man" faces in two folders, the comma in a file name.
+    png = encode_png(np.full((4, 4, 3), 128, np.uint8))
+    official = OfficialCase(
+        case_id=case,
+        caption=caption,
+        subjects=[
+            CaseSubject(
+                face=CaseImage(label=s.noun, data=png),
+                attributes=[CaseImage(label=a.phrase, data=png) for a in s.attributes],
+            )
+            for s in out.answer.subjects
+        ],
+        objects=[CaseImage(label=o, data=png) for o in out.answer.objects],
+        background=CaseImage(label=out.answer.background, data=png),
+    )
+    back = read_case(write_case(official, tmp_path / case))
+    assert [s.face.label for s in back.subjects] == [s.noun for s in out.answer.subjects]
+    assert (
+        back.background.label == answer["background"]
+        and back.subject_numbers() == [1, 2, 3][: len(back.subjects)]
+    )
