@@ -64,7 +64,7 @@ def local_ray_options(config: CurateConfig | None = None) -> dict[str, Any]:
     2-core laptop the stages take turns on the cores, as threads would)."""
     need = 0.0
     if config is not None:
-        subject_stages = {"entities", "masks", "background"}
+        subject_stages = {"entities", "masks", "binding", "background"}
         need = sum(
             res.num_cpus * res.replicas.min
             for name, res in config.run.stages.items()
