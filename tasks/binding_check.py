@@ -161,10 +161,16 @@ class BindingCheckStage(Stage[BindingRecord]):
         images: list[np.ndarray] = []
         prepared: list[_Video] = []
         for ctx in videos:
+            own: list[np.ndarray] = []
             try:
-                prepared.append(self._prepare(ctx, images))
+                video = self._prepare(ctx, own)
             except StageError as exc:
                 results[ctx.video_id] = exc
+                continue
+            for check in video.checks:  # crop indices were counted from 0 in `own`
+                check.crops = {k: i + len(images) for k, i in check.crops.items()}
+            images += own
+            prepared.append(video)
         phrases = sorted({p for v in prepared for ps in v.phrases.values() for p in ps})
         image_emb = self.embedder.embed_images(images) if images else np.zeros((0, 0), np.float32)
         text_emb = dict(zip(phrases, self.embedder.embed_texts(phrases))) if phrases else {}

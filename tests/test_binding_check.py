@@ -342,3 +342,31 @@ def test_masked_crop():
     assert boxed.shape == (3, 4, 4)
     with pytest.raises(ValueError):
         masked_crop(frame, np.zeros((20, 30), bool))
+
+
+def test_one_batch_for_several_videos_and_a_missing_mask_fails_only_its_video(world):
+    broken, correct, swapped = (_through_masks(world, n) for n in ("correct", "correct", "swapped"))
+    broken.video = broken.video.model_copy(update={"video_id": "vbroken"})  # a third video id in the batch
+    broken.source = broken.source.model_copy(update={"video_id": "vbroken"})
+    del broken.media[broken.records["masks"].get("attr_1_0").frames[0].mask]
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.info, self.calls = inner, inner.info, []
+
+        def embed_images(self, images):
+            self.calls.append(len(images))
+            return self.inner.embed_images(images)
+
+        def embed_texts(self, texts):
+            return self.inner.embed_texts(texts)
+
+    from models.image_text import IMAGE_TEXT
+
+    embedder = Counting(IMAGE_TEXT.build(ModelSpec(backend="colour")))
+    stats = run_stage(BindingCheckStage(_config(), embedder=embedder), [broken, correct, swapped])
+    assert embedder.calls == [12]  # one call: 2 attributes x 3 keyframes x 2 good videos
+    assert broken.failure is not None and broken.failure.error_class == "missing_media"
+    assert {s.verdict for s in correct.records["binding"].attributes} == {"verified"}
+    assert {s.verdict for s in swapped.records["binding"].attributes} == {"failed"}
+    assert stats.ok == 2
