@@ -287,6 +287,20 @@ class BindingConfig(Section):
     check_region: bool = Field(
         True, description="also check whose region (person mask) the attribute's mask is on"
     )
+    text_template: str = Field(
+        "a photo of {}",
+        description="each phrase is embedded as this sentence ('{}' = the phrase): CLIP and SigLIP were trained "
+        "on captions, not bare noun phrases (the colour matcher reads only the colour words either way)",
+    )
+
+    @field_validator("text_template")
+    @classmethod
+    def _one_slot(cls, template: str) -> str:
+        if template.count("{}") != 1 or template.count("{") != 1 or template.count("}") != 1:
+            raise ValueError(
+                f"text_template must contain '{{}}' exactly once and no other braces, got {template!r}"
+            )
+        return template
 
 
 class BackgroundConfig(Section):

@@ -173,7 +173,8 @@ class BindingCheckStage(Stage[BindingRecord]):
             prepared.append(video)
         phrases = sorted({p for v in prepared for ps in v.phrases.values() for p in ps})
         image_emb = self.embedder.embed_images(images) if images else np.zeros((0, 0), np.float32)
-        text_emb = dict(zip(phrases, self.embedder.embed_texts(phrases))) if phrases else {}
+        sentences = [self.cfg.text_template.replace("{}", p) for p in phrases]
+        text_emb = dict(zip(phrases, self.embedder.embed_texts(sentences))) if phrases else {}
         for video in prepared:
             scores = [self._score(video, c, image_emb, text_emb) for c in video.checks]
             failed = [s for s in scores if s.verdict == "failed"]

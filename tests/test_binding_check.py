@@ -359,6 +359,7 @@ def test_one_batch_for_several_videos_and_a_missing_mask_fails_only_its_video(wo
             return self.inner.embed_images(images)
 
         def embed_texts(self, texts):
+            self.texts = list(texts)
             return self.inner.embed_texts(texts)
 
     from models.image_text import IMAGE_TEXT
@@ -366,6 +367,7 @@ def test_one_batch_for_several_videos_and_a_missing_mask_fails_only_its_video(wo
     embedder = Counting(IMAGE_TEXT.build(ModelSpec(backend="colour")))
     stats = run_stage(BindingCheckStage(_config(), embedder=embedder), [broken, correct, swapped])
     assert embedder.calls == [12]  # one call: 2 attributes x 3 keyframes x 2 good videos
+    assert embedder.texts == ["a photo of black jacket", "a photo of white jacket"]  # binding.text_template
     assert broken.failure is not None and broken.failure.error_class == "missing_media"
     assert {s.verdict for s in correct.records["binding"].attributes} == {"verified"}
     assert {s.verdict for s in swapped.records["binding"].attributes} == {"failed"}
