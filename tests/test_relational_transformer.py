@@ -80,7 +80,7 @@ def test_without_conditions_equals_wan(model):
     torch.testing.assert_close(empty, expected, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("mode", ["paper", "release", "exact"])
 def test_mixed_layout_batch_equals_per_sample_runs(model, mode):
     inputs = batch()
     cfg = RelationalConfig(mcam_mode=mode, mcam_pool=2)
