@@ -20,19 +20,40 @@ from lumosx_model.relational import RelationalConfig
 
 WAN_T2V_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
+# Wan2.1's standard negative prompt (wan/configs/shared_config.py, ``sample_neg_prompt``), the released LumosX
+# inference default; ours is empty unless a preset (lumosx_release) sets this one.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class ModelConfig(_Strict):
-    pretrained: str = Field(WAN_T2V_1_3B, description="Wan2.1 diffusers repo: hub id or local directory.")
+    pretrained: str = Field(
+        WAN_T2V_1_3B,
+        description="Wan2.1 diffusers repo (hub id or local directory); with weights_format 'wan', a local "
+        "download in the original Wan layout, e.g. of the LumosX release (Alibaba-DAMO-Academy/LumosX).",
+    )
     revision: str | None = None
+    weights_format: Literal["diffusers", "wan"] = Field(
+        "diffusers",
+        description="'diffusers': pretrained is a diffusers Wan2.1 repo. 'wan': the original Wan2.1 layout "
+        "(models_t5_umt5-xxl-enc-bf16.pth, umt5-xxl/ tokenizer, vae.pth, the transformer as .pt/.pth/"
+        ".safetensors), found in pretrained or pretrained/LumosX_models unless given below.",
+    )
     transformer_path: str | None = Field(
         None,
-        description="Directory with a trained transformer (a run's checkpoint or final dir); its "
-        "'transformer/' subfolder (or the dir itself) replaces the pretrained one.",
+        description="A trained transformer replacing the pretrained one: a run's checkpoint or final dir (its "
+        "'transformer/' subfolder or the dir itself), or an original-layout Wan/LumosX weights file or folder.",
     )
+    text_encoder_path: str | None = Field(None, description="'wan' format: the UMT5 encoder .pth.")
+    tokenizer_path: str | None = Field(None, description="'wan' format: the umt5-xxl tokenizer folder.")
+    vae_path: str | None = Field(None, description="'wan' format: the VAE .pth.")
     tiny: bool = Field(
         False, description="Build tiny random-weight models of the same architectures (tests)."
     )
@@ -95,6 +116,11 @@ class DataConfig(_Strict):
         None, ge=0, description="Objects beyond this are dropped at random (null: keep all)."
     )
     whole_person_prob: float = 0.3
+    whole_person_as_object: bool = Field(
+        False,
+        description="Give a whole-person cut-out as the released loader does: a non-human (object) entry "
+        "with its own word mask and no negative MCAM level, instead of a one-image subject group.",
+    )
     use_objects: bool = True
     use_background: bool = True
     condition_slots: int | Literal["auto"] | None = Field(
@@ -234,7 +260,15 @@ class InferenceConfig(_Strict):
     steps: int = 50
     shift: float = 8.0
     guidance_scale: float = 6.0
-    negative_prompt: str = ""
+    negative_prompt: str = Field(
+        "", description="CFG negative prompt; the lumosx_release preset uses Wan's standard one."
+    )
+    negative_mcam: Literal["own", "positive"] = Field(
+        "own",
+        description="MCAM templates of the CFG negative branch: 'own' (from the negative prompt's tokens, so "
+        "an empty prompt gets no bias) or 'positive' (the positive prompt's label masks, as the released "
+        "LumosX inference does).",
+    )
     seed: int = 0
     device: str = "cuda"
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
