@@ -172,8 +172,8 @@ class FrozenEncoders:
         from lumosx_model.wan_original import load_original_umt5, load_original_vae
 
         tok = AutoTokenizer.from_pretrained(str(tokenizer))
-        encoder = load_original_umt5(text_encoder, torch_dtype=text_encoder_dtype).to(device)
-        autoencoder = load_original_vae(vae, torch_dtype=vae_dtype).to(device)
+        encoder = load_original_umt5(text_encoder, torch_dtype=text_encoder_dtype, device=device)
+        autoencoder = load_original_vae(vae, torch_dtype=vae_dtype, device=device)
         return cls(
             tok, encoder, autoencoder, text_len, f"wan:{Path(text_encoder).resolve()}|{Path(vae).resolve()}"
         )

@@ -252,7 +252,12 @@ def _wan_config_near(path: Path) -> dict[str, Any]:
     return {}
 
 
-def load_original_transformer(path: str | os.PathLike[str], *, torch_dtype: torch.dtype = torch.float32):
+def load_original_transformer(
+    path: str | os.PathLike[str],
+    *,
+    torch_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
     """A :class:`~lumosx_model.transformer.RelationalWanTransformer` from Wan-layout weights (file or folder)."""
     from accelerate import init_empty_weights
 
@@ -266,19 +271,23 @@ def load_original_transformer(path: str | os.PathLike[str], *, torch_dtype: torc
         model = RelationalWanTransformer.from_config(config)
     check_keys(state, model.state_dict(), f"transformer {path}")
     model.load_state_dict(state, strict=True, assign=True)
-    return cast_like_from_pretrained(model, torch_dtype)
+    return materialize(model, torch_dtype, device)
 
 
-def cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Cast floating parameters to ``dtype`` except the modules diffusers keeps in float32
-    (``_keep_in_fp32_modules``: Wan's norms, time embedder, modulation), as ``from_pretrained`` does."""
+def materialize(
+    model: torch.nn.Module, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """Copy the memory-mapped parameters to ``device`` in ``dtype``, one tensor at a time (a GPU load never
+    holds a second full copy in RAM), keeping the modules diffusers keeps in float32 (``_keep_in_fp32_modules``:
+    Wan's norms, time embedder, modulation) in float32 as ``from_pretrained`` does. Always a fresh copy:
+    kernels on mmapped (possibly unaligned) storage may round differently from the same weights in RAM."""
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name, param in model.named_parameters():
+        target = param.dtype
         if param.is_floating_point():
             target = torch.float32 if keep & set(name.split(".")) else dtype
-            if param.dtype != target:
-                param.data = param.data.to(target)
-    return model
+        param.data = param.data.to(device=device, dtype=target, copy=True)
+    return model.to(device)
 
 
 def wan_transformer_config(config: Mapping[str, Any], text_len: int = 512) -> dict[str, Any]:
@@ -406,7 +415,12 @@ def vae_to_original(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return _verified_inverse(state, original, vae_to_diffusers, "VAE")
 
 
-def load_original_vae(path: str | os.PathLike[str], *, torch_dtype: torch.dtype = torch.float32):
+def load_original_vae(
+    path: str | os.PathLike[str],
+    *,
+    torch_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
     """``AutoencoderKLWan`` from Wan's ``vae.pth`` (Wan2.1's VAE: dims from the weights, Wan's latent stats)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKLWan
@@ -422,7 +436,7 @@ def load_original_vae(path: str | os.PathLike[str], *, torch_dtype: torch.dtype 
         vae = AutoencoderKLWan(base_dim=base_dim, z_dim=z_dim)
     check_keys(state, vae.state_dict(), f"VAE {path}")
     vae.load_state_dict(state, strict=True, assign=True)
-    return cast_like_from_pretrained(vae, torch_dtype)
+    return materialize(vae, torch_dtype, device)
 
 
 # ------------------------------------------------------------------------------------------------ UMT5
@@ -511,7 +525,12 @@ def umt5_config_from_original(state: Mapping[str, torch.Tensor]):
     )
 
 
-def load_original_umt5(path: str | os.PathLike[str], *, torch_dtype: torch.dtype = torch.bfloat16):
+def load_original_umt5(
+    path: str | os.PathLike[str],
+    *,
+    torch_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+):
     """transformers ``UMT5EncoderModel`` from Wan's ``models_t5_umt5-xxl-enc-bf16.pth``."""
     from accelerate import init_empty_weights
     from transformers import UMT5EncoderModel
@@ -524,8 +543,9 @@ def load_original_umt5(path: str | os.PathLike[str], *, torch_dtype: torch.dtype
         model = UMT5EncoderModel(config)
     check_keys(state, model.state_dict(), f"UMT5 encoder {path}")
     model.load_state_dict(state, strict=True, assign=True)
+    materialize(model, torch_dtype, device)
     model.tie_weights()
-    return model.to(torch_dtype)
+    return model
 
 
 def export_original_umt5(model: torch.nn.Module, out: str | os.PathLike[str]) -> Path:
