@@ -219,6 +219,45 @@ class OptimConfig(_Strict):
     eps: float = 1e-8
     warmup_steps: int = 100
     max_grad_norm: float = 1.0
+    scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field(
+        "constant_with_warmup",
+        description="LR schedule by name (diffusers get_scheduler) over max_steps, with warmup_steps of "
+        "linear warmup ('constant' has none).",
+    )
+    num_cycles: int = Field(1, description="cosine_with_restarts: number of restarts.")
+    power: float = Field(1.0, description="polynomial: power of the decay.")
+
+
+class EMAConfig(_Strict):
+    """Exponential moving average of the transformer weights (diffusers ``EMAModel``)."""
+
+    enabled: bool = False
+    decay: float = Field(0.9999, description="Largest decay; with warmup, the effective decay grows to it.")
+    min_decay: float = 0.0
+    update_after_step: int = Field(0, description="Start averaging after this many optimizer steps.")
+    use_ema_warmup: bool = Field(False, description="decay = 1 - (1 + step / inv_gamma) ** -power.")
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+    export: bool = Field(True, description="Export the EMA weights (not the raw ones) as the final model.")
+
+
+class ValidationConfig(_Strict):
+    """Videos generated every ``every`` steps from a fixed list of official case folders, logged to the tracker
+    and written to ``<output_dir>/validation/step-N/<case>.mp4`` (main process, EMA weights if enabled)."""
+
+    cases: list[str] = Field(default_factory=list, description="Official case folders.")
+    every: int = Field(0, ge=0, description="Steps between validations (0: never).")
+    height: int | None = Field(None, description="null: the first data bucket's height.")
+    width: int | None = Field(None, description="null: the first data bucket's width.")
+    num_frames: int | None = Field(None, description="null: data.num_frames.")
+    steps: int = 30
+    shift: float = 8.0
+    guidance_scale: float = 6.0
+    negative_prompt: str = ""
+    negative_mcam: Literal["own", "positive"] = "own"
+    seed: int = 0
 
 
 class TrainConfig(_Strict):
@@ -234,7 +273,17 @@ class TrainConfig(_Strict):
     sigma_shift: float = Field(3.0, description="design: training sigma shift, sigma = s*u/(1+(s-1)*u).")
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
-    log_every: int = 10
+    log_every: int = Field(10, description="Steps between loss / LR / speed logs (steps/s, samples/s, ETA).")
+    tracker: Literal["tensorboard", "wandb", "none"] = Field(
+        "tensorboard", description="Where logs and validation videos go (wandb needs `pip install wandb`)."
+    )
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    export_wan: bool = Field(
+        False,
+        description="Also export the final transformer in the original Wan2.1 layout to "
+        "<output_dir>/transformer_wan/ (loadable by the authors' scripts).",
+    )
     resume_from: str | None = Field(
         "latest", description="'latest' (in output_dir, if any), a checkpoint dir, or null."
     )
