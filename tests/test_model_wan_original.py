@@ -279,3 +279,16 @@ def test_infer_with_the_release_preset_end_to_end(tmp_path, capsys):
     with av.open(str(out)) as container:
         frames = list(container.decode(video=0))
     assert len(frames) == 5 and (frames[0].width, frames[0].height) == (48, 32)
+
+
+def test_cli_exports_a_trained_transformer_to_the_wan_layout(tmp_path, capsys):
+    model = tiny_transformer(seed=6)
+    model.save_pretrained(tmp_path / "run" / "transformer")
+    out = tmp_path / "lumosx_finetuned.pt"
+    assert main(["export", "--transformer", str(tmp_path / "run"), "--out", str(out), "--dtype", "bf16"]) == 0
+    assert str(out) in capsys.readouterr().out
+    saved = torch.load(out, weights_only=True)
+    assert saved.keys() >= WAN_TRANSFORMER_NAMES and all(v.dtype == torch.bfloat16 for v in saved.values())
+    loaded = wo.load_original_transformer(out).state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded[name], value.to(torch.bfloat16).float())
