@@ -4,6 +4,7 @@ to the same outputs as diffusers-native loading, export back round-trips, and th
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import av
@@ -292,3 +293,39 @@ def test_cli_exports_a_trained_transformer_to_the_wan_layout(tmp_path, capsys):
     loaded = wo.load_original_transformer(out).state_dict()
     for name, value in model.state_dict().items():
         assert torch.equal(loaded[name], value.to(torch.bfloat16).float())
+
+
+def test_training_starts_from_the_released_weights(tmp_path):
+    from model_fixtures import sample, write_shards
+
+    from lumosx_model.config import TrainConfig
+    from lumosx_model.train import Trainer
+
+    root = write_release_standin(tmp_path / "LumosX")
+    shards = write_shards(tmp_path / "shards", [sample(f"r{i}", persons=2, seed=i) for i in range(2)])
+    cfg = TrainConfig.preset(
+        "lumosx_release_finetune",
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        mixed_precision="no",
+        model={"pretrained": str(root), "text_len": 64, "gradient_checkpointing": False},
+        data={
+            "shards": shards,
+            "buckets": [[32, 48]],
+            "num_frames": 5,
+            "num_workers": 0,
+            "condition_slots": None,
+            "whole_person_prob": 1.0,
+        },
+        optim={"warmup_steps": 0},
+    )
+    assert cfg.model.relational.mcam_mode == "release" and cfg.data.whole_person_as_object
+    trainer = Trainer(cfg)
+    start = {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+    released = wo.load_original_transformer(root / "LumosX_models" / "LumosX.pt").state_dict()
+    assert same_tensors(start, released)  # the run starts from the released transformer
+    assert trainer.encoders.source_id.startswith("wan:")
+    batch = next(iter(trainer.loader))
+    assert all(layout.num_groups == 0 for layout in batch.layouts)  # whole persons as non-human entries
+    assert math.isfinite(trainer.fit()[0])
+    trainer.close()
