@@ -9,7 +9,7 @@ per thread, nestable, and re-activated when gradient checkpointing recomputes th
 
 Two kernel families, same maths (checked against each other and a loop reference in the tests):
 
-* ``dense``: PyTorch SDPA with an explicit bool mask (self-attention) and float bias (paper-mode MCAM), or an
+* ``dense``: PyTorch SDPA with an explicit bool mask (self-attention) and float bias (paper / release MCAM), or an
   explicit softmax (exact-mode MCAM). Differentiable on every device; O(L²) memory for the mask.
 * ``flex``: FlexAttention with a ``BlockMask`` (CSAM tiles that are fully masked are skipped) and a
   ``score_mod`` adding ``r·|s|·M`` from the exact logit inside the fused kernel. Compiled on first use; its
