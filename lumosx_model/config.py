@@ -1,7 +1,9 @@
 """Training and inference configuration (pydantic, loadable from YAML).
 
 Presets ship as YAML in ``lumosx_model/configs/``: ``tiny`` (random tiny models, CPU, for tests and smoke
-runs), ``paper_stage1`` / ``paper_stage2`` (the paper's two stages on Wan2.1-T2V-1.3B) and ``inference``.
+runs), ``paper_stage1`` / ``paper_stage2`` (the paper's two stages on Wan2.1-T2V-1.3B), ``inference``, and
+``lumosx_release`` / ``lumosx_release_finetune`` (run or fine-tune the authors' released weights, original Wan2.1
+layout, with the released arithmetic).
 Values the paper does not publish (learning rate, batch size, training sigma shift, ...) are marked *design*
 in the field descriptions.
 """
