@@ -100,6 +100,19 @@ def flow_matching_loss(
     return F.mse_loss(pred.float(), (noise - x0).float())
 
 
+class _Autocast(torch.nn.Module):
+    """Runs the wrapped transformer under ``autocast`` (mixed precision) and nothing else."""
+
+    def __init__(self, model: torch.nn.Module, autocast) -> None:
+        super().__init__()
+        self.model = model
+        self._autocast = autocast
+
+    def forward(self, *args, **kwargs):
+        with self._autocast():
+            return self.model(*args, **kwargs)
+
+
 @dataclass
 class TrainerState:
     step: int = 0  # optimizer steps done
@@ -388,9 +401,15 @@ class Trainer:
             was_training = model.training
             height, width = v.height or cfg.data.buckets[0][0], v.width or cfg.data.buckets[0][1]
             out_dir = self.output_dir / "validation" / f"step-{self.state.step:07d}"
-            with self.ema_weights(), acc.autocast():
+            with self.ema_weights():
+                # fp32 master weights under the run's autocast; the frozen encoders keep their own dtypes
+                # (the VAE decodes in fp32).
                 generator = LumosXGenerator(
-                    model, self.encoders, self.relational, device=acc.device, dtype=torch.float32
+                    _Autocast(model, acc.autocast),
+                    self.encoders,
+                    self.relational,
+                    device=acc.device,
+                    dtype=torch.float32,
                 )
                 try:
                     for case_dir in v.cases:
