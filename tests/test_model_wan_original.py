@@ -329,3 +329,21 @@ def test_training_starts_from_the_released_weights(tmp_path):
     assert all(layout.num_groups == 0 for layout in batch.layouts)  # whole persons as non-human entries
     assert math.isfinite(trainer.fit()[0])
     trainer.close()
+
+
+def test_full_size_key_maps_and_config_without_weights():
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # the real 1.3B transformer and Wan2.1 VAE, parameters on the meta device
+        model = RelationalWanTransformer.from_config(RelationalWanTransformer.full_config())
+        vae = AutoencoderKLWan()
+    original = wo.transformer_to_original(model.state_dict())  # verified against diffusers' converter
+    assert len(original) == 825 and original.keys() >= WAN_TRANSFORMER_NAMES | {"blocks.29.norm3.bias"}
+    config = wo.transformer_config_from_original(original)
+    assert (config["num_attention_heads"], config["attention_head_dim"], config["num_layers"]) == (
+        12,
+        128,
+        30,
+    )
+    assert (config["ffn_dim"], config["text_dim"], config["freq_dim"]) == (8960, 4096, 256)
+    assert wo.vae_to_original(vae.state_dict()).keys() >= WAN_VAE_NAMES
