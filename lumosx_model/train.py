@@ -100,6 +100,31 @@ def flow_matching_loss(
     return F.mse_loss(pred.float(), (noise - x0).float())
 
 
+def _tensorboard_gif(writer, tag: str, frames: torch.Tensor, step: int, fps: float) -> None:
+    """An animated GIF image summary, which TensorBoard's image tab plays: what ``add_video`` writes, without
+    the moviepy dependency it needs to encode one. Falls back to the first / middle / last frames."""
+    import io
+
+    from PIL import Image
+
+    array = frames.numpy()  # uint8 [F, H, W, 3]
+    try:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        images = [Image.fromarray(f) for f in array]
+        buf = io.BytesIO()
+        images[0].save(
+            buf, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
+        )
+        image = Summary.Image(
+            height=array.shape[1], width=array.shape[2], colorspace=3, encoded_image_string=buf.getvalue()
+        )
+        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+    except (ImportError, AttributeError):  # internals moved: still log something viewable
+        picks = sorted({0, len(array) // 2, len(array) - 1})
+        writer.add_images(tag, array[picks], step, dataformats="NHWC")
+
+
 class _Autocast(torch.nn.Module):
     """Runs the wrapped transformer under ``autocast`` (mixed precision) and nothing else."""
 
@@ -443,10 +468,9 @@ class Trainer:
 
     def _log_video(self, name: str, frames: torch.Tensor, path: Path) -> None:
         for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":  # TensorBoard videos need moviepy: log first/middle/last frames
-                picks = sorted({0, len(frames) // 2, len(frames) - 1})
-                tracker.log_images(
-                    {f"validation/{name}": frames[picks].numpy()}, step=self.state.step, dataformats="NHWC"
+            if tracker.name == "tensorboard":
+                _tensorboard_gif(
+                    tracker.writer, f"validation/{name}", frames, self.state.step, self.cfg.data.fps
                 )
             elif tracker.name == "wandb":
                 import wandb

@@ -3,6 +3,7 @@ schedule by name, progress with speed and ETA, validation videos logged to the t
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 
@@ -10,6 +11,7 @@ import av
 import pytest
 import torch
 from model_fixtures import case_folder, sample, write_shards
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lumosx_model.config import TrainConfig
@@ -45,7 +47,7 @@ def _scalars(logdir) -> dict[str, list[float]]:
         for tag in acc.Tags()["scalars"]:
             out[tag] = [e.value for e in acc.Scalars(tag)]
         for tag in acc.Tags()["images"]:
-            out[tag] = [len(acc.Images(tag))]
+            out[tag] = [e.encoded_image_string for e in acc.Images(tag)]
     return out
 
 
@@ -125,7 +127,10 @@ def test_schedule_progress_validation_tracker_and_wan_export(tmp_path, shards, c
         assert len(frames) == 5 and (frames[0].width, frames[0].height) == (48, 32)
     logged = _scalars(tmp_path / "run" / "logs")
     assert len(logged["train/steps_per_s"]) == 3 and len(logged["train/samples_per_s"]) == 3
-    assert logged["validation/case_0"] == [2]
+    gifs = [Image.open(io.BytesIO(data)) for data in logged["validation/case_0"]]  # at steps 3 and 6
+    assert [(g.format, g.n_frames, g.size) for g in gifs] == [
+        ("GIF", 5, (48, 32))
+    ] * 2  # plays in TensorBoard
 
     wan = load_original_transformer(tmp_path / "run" / "transformer_wan").state_dict()
     for name, value in exported.items():
