@@ -122,7 +122,7 @@ def test_flex_backend_matches_dense(model, monkeypatch):
     monkeypatch.setattr(attention_module, "_flex_attention", lambda compiled: flex_attention)
     inputs = batch()
     with torch.no_grad():
-        for mode in ("paper", "exact"):
+        for mode in ("paper", "release", "exact"):
             dense = model(**inputs, relational=RelationalConfig(mcam_mode=mode, backend="dense"))
             flex = model(**inputs, relational=RelationalConfig(mcam_mode=mode, backend="flex"))
             torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-4)
