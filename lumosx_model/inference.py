@@ -3,7 +3,9 @@
 Settings of the paper (SPEC §2): 50 steps, flow shift 8, text CFG 6 where both branches keep the same image
 conditions (only the prompt changes), 480×832, 81 frames at 16 fps. Weights: Wan2.1 diffusers weights (hub id
 or local dir, revision) plus an optional trained transformer (a run's ``transformer/`` export or a
-checkpoint).
+checkpoint), or the authors' released weights in the original Wan2.1 layout (``model.weights_format: wan``; the
+``lumosx_release`` preset also turns on the released CFG: Wan's negative prompt, positive MCAM masks on the
+negative branch).
 """
 
 from __future__ import annotations
