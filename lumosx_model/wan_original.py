@@ -543,9 +543,8 @@ def load_original_umt5(
         model = UMT5EncoderModel(config)
     check_keys(state, model.state_dict(), f"UMT5 encoder {path}")
     model.load_state_dict(state, strict=True, assign=True)
-    materialize(model, torch_dtype, device)
-    model.tie_weights()
-    return model
+    model.tie_weights()  # first, so the 1 B-parameter embedding is copied to the device once
+    return materialize(model, torch_dtype, device)
 
 
 def export_original_umt5(model: torch.nn.Module, out: str | os.PathLike[str]) -> Path:
