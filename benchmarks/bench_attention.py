@@ -8,6 +8,8 @@ One "layer" = self-attention (attn1, with rotary) + text cross-attention (attn2)
 * ``dense-paper`` — CSAM as an SDPA bool mask + paper-mode MCAM float bias (the released code's recipe);
 * ``dense-exact`` — CSAM bool mask + exact MCAM with an explicit softmax;
 * ``flex-paper``  — CSAM FlexAttention block mask + paper-mode MCAM bias (SDPA, condition rows only);
+* ``dense-release`` / ``flex-release`` — as ``*-paper`` with the released code's pooled arithmetic (padded
+                    tile mean, crop after flatten; same cost profile, different tile lookup);
 * ``flex-exact``  — CSAM block mask + exact MCAM through a FlexAttention ``score_mod`` (fully fused).
 
 Masks/templates are built once per model forward and shared by all 30 layers, so they are built outside the
@@ -49,7 +51,7 @@ LAYOUT = SampleLayout.from_conditions(
         Condition("attribute", "red dress", 1),
     ]
 )
-METHODS = ("sdpa", "dense-paper", "dense-exact", "flex-paper", "flex-exact")
+METHODS = ("sdpa", "dense-paper", "dense-release", "dense-exact", "flex-paper", "flex-release", "flex-exact")
 
 
 class PeakRSS:

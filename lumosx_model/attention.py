@@ -9,7 +9,7 @@ per thread, nestable, and re-activated when gradient checkpointing recomputes th
 
 Two kernel families, same maths (checked against each other and a loop reference in the tests):
 
-* ``dense``: PyTorch SDPA with an explicit bool mask (self-attention) and float bias (paper-mode MCAM), or an
+* ``dense``: PyTorch SDPA with an explicit bool mask (self-attention) and float bias (paper / release MCAM), or an
   explicit softmax (exact-mode MCAM). Differentiable on every device; O(L²) memory for the mask.
 * ``flex``: FlexAttention with a ``BlockMask`` (CSAM tiles that are fully masked are skipped) and a
   ``score_mod`` adding ``r·|s|·M`` from the exact logit inside the fused kernel. Compiled on first use; its
@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
-from .masks import mcam_bias_paper
+from .masks import mcam_bias_paper, mcam_bias_release
+from .relational import MCAMMode
 
 Backend = Literal["dense", "flex"]
 
@@ -56,7 +57,7 @@ class RelationalContext:
     self_mask: Any
     templates: torch.Tensor | None = None
     mcam_ratio: float = 0.5
-    mcam_mode: Literal["paper", "exact"] = "paper"
+    mcam_mode: MCAMMode = "paper"
     mcam_pool: int = 8
     flex_compiled: bool = True
 
@@ -121,7 +122,7 @@ def mcam_cross_attention(
     grid_hw: tuple[int, int],
     *,
     ratio: float,
-    mode: Literal["paper", "exact"],
+    mode: MCAMMode,
     pool: int = 8,
     backend: Backend = "dense",
     compiled: bool = True,
@@ -130,13 +131,14 @@ def mcam_cross_attention(
 
     ``q`` holds only condition rows ``[B, N·H'·W', heads, d]``, row ``i`` belonging to condition
     ``i // (H'·W')``; ``templates`` is ``[B, N, L_txt]``. The biased logit is ``s + r·|s̃|·M`` with ``s̃`` the
-    paper's pooled approximation (``mode="paper"``, always SDPA with a float bias, as released) or the exact
-    logit ``s`` (``mode="exact"``: FlexAttention ``score_mod`` on ``backend="flex"``, explicit softmax on
-    ``dense``).
+    paper's pooled approximation (``mode="paper"``, or ``"release"`` with the released code's arithmetic;
+    always SDPA with a float bias, as released) or the exact logit ``s`` (``mode="exact"``: FlexAttention
+    ``score_mod`` on ``backend="flex"``, explicit softmax on ``dense``).
     """
     hw = grid_hw[0] * grid_hw[1]
-    if mode == "paper":
-        bias = mcam_bias_paper(q, k, templates, grid_hw, ratio=ratio, pool=pool)
+    if mode in ("paper", "release"):
+        pooled_bias = mcam_bias_release if mode == "release" else mcam_bias_paper
+        bias = pooled_bias(q, k, templates, grid_hw, ratio=ratio, pool=pool)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias
         )

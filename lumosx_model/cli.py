@@ -5,9 +5,12 @@
     lumosx-train cache --config stage1.yaml        # video latents + text embeddings
     lumosx-train infer --case cases/case_007 --out out/case_007.mp4 [--config inference.yaml]
     lumosx-train infer --cases cases/ --out out/                              # every case folder under cases/
+    lumosx-train infer --preset lumosx_release --cases cases/ --out out/      # the authors' released weights
+    lumosx-train export --transformer runs/x/transformer --out lumosx.pt      # to the original Wan layout
 
-``--preset NAME`` loads a bundled config (tiny, paper_stage1, paper_stage2, inference, inference_tiny)
-instead of ``--config``; ``--set a.b=value`` overrides single fields (YAML-parsed values).
+``--preset NAME`` loads a bundled config (tiny, paper_stage1, paper_stage2, inference, inference_tiny,
+lumosx_release, lumosx_release_finetune) instead of ``--config``; ``--set a.b=value`` overrides single fields
+(YAML-parsed values).
 """
 
 from __future__ import annotations
@@ -103,6 +106,19 @@ def _infer(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from lumosx_model.components import load_transformer
+    from lumosx_model.config import ModelConfig
+    from lumosx_model.wan_original import export_original_transformer
+
+    model = load_transformer(ModelConfig(transformer_path=args.transformer))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
+    print(export_original_transformer(model, args.out, dtype=dtype))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lumosx-train", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,13 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--case", help="one case folder")
     target.add_argument("--cases", help="a folder of case folders")
     infer.add_argument("--out", required=True, help="mp4 path (one case) or output folder")
+    export = sub.add_parser("export", help="write a trained transformer in the original Wan2.1 layout")
+    export.add_argument("--transformer", required=True, help="a run dir, its transformer/, or a checkpoint")
+    export.add_argument("--out", required=True, help="a .pt/.pth/.safetensors file, or a folder")
+    export.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return {"train": _train, "cache": _cache, "infer": _infer}[args.command](args)
+    return {"train": _train, "cache": _cache, "infer": _infer, "export": _export}[args.command](args)
 
 
 if __name__ == "__main__":

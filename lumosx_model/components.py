@@ -2,7 +2,8 @@
 transformer, loaded from Wan2.1 weights or a trained checkpoint, or built tiny for tests.
 
 All are loaded from the diffusers layout of Wan2.1 (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``: subfolders
-``tokenizer``, ``text_encoder``, ``vae``) or built tiny with random weights from configs for tests (same
+``tokenizer``, ``text_encoder``, ``vae``), from the original Wan2.1 layout the LumosX release uses
+(``weights_format: wan``, see :mod:`lumosx_model.wan_original`), or built tiny with random weights from configs for tests (same
 classes, same code path, milliseconds on a CPU).
 
 Conventions copied from diffusers' ``WanPipeline`` so that training and inference see the same tensors:
@@ -23,6 +24,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from transformers import PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
+from models.base import ModelLoadError
 from models.tiny_vocab import TINY_WORDS
 
 # UMT5's special ids, mirrored by the tiny tokenizer so both behave alike (pad 0, eos 1, unk 2).
@@ -152,6 +154,31 @@ class FrozenEncoders:
         return cls(tokenizer, text_encoder, vae, text_len, f"{model}@{revision or 'main'}")
 
     @classmethod
+    def from_original(
+        cls,
+        *,
+        text_encoder: str | os.PathLike[str],
+        tokenizer: str | os.PathLike[str],
+        vae: str | os.PathLike[str],
+        text_len: int = 512,
+        text_encoder_dtype: torch.dtype = torch.bfloat16,
+        vae_dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> FrozenEncoders:
+        """Load Wan2.1's original-layout files (the LumosX release): ``models_t5_umt5-xxl-enc-bf16.pth``,
+        the ``umt5-xxl/`` tokenizer folder and ``vae.pth`` (see :mod:`lumosx_model.wan_original`)."""
+        from transformers import AutoTokenizer
+
+        from lumosx_model.wan_original import load_original_umt5, load_original_vae
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer))
+        encoder = load_original_umt5(text_encoder, torch_dtype=text_encoder_dtype, device=device)
+        autoencoder = load_original_vae(vae, torch_dtype=vae_dtype, device=device)
+        return cls(
+            tok, encoder, autoencoder, text_len, f"wan:{Path(text_encoder).resolve()}|{Path(vae).resolve()}"
+        )
+
+    @classmethod
     def tiny(
         cls, *, z_dim: int = 16, text_dim: int = 32, text_len: int = 32, seed: int = 0
     ) -> FrozenEncoders:
@@ -229,25 +256,68 @@ def load_encoders(
 
         text_dim = RelationalWanTransformer.tiny_config()["text_dim"]
         return FrozenEncoders.tiny(text_dim=text_dim, text_len=cfg.text_len, seed=cfg.tiny_seed).to(device)
+    if cfg.weights_format == "wan":
+        files = original_files(cfg)
+        return FrozenEncoders.from_original(
+            text_encoder=files["text_encoder"],
+            tokenizer=files["tokenizer"],
+            vae=files["vae"],
+            text_len=cfg.text_len,
+            text_encoder_dtype=dtype,
+            device=device,
+        )
     return FrozenEncoders.from_pretrained(
         cfg.pretrained, revision=cfg.revision, text_len=cfg.text_len, text_encoder_dtype=dtype, device=device
     )
+
+
+def original_files(cfg, parts: tuple[str, ...] = ("text_encoder", "tokenizer", "vae")) -> dict[str, Path]:
+    """Paths of the original-layout files for a ``weights_format: wan`` config (explicit paths first, then
+    what :func:`~lumosx_model.wan_original.find_release_files` finds under ``cfg.pretrained``)."""
+    from lumosx_model.wan_original import find_release_files
+
+    explicit = {
+        "text_encoder": cfg.text_encoder_path,
+        "tokenizer": cfg.tokenizer_path,
+        "vae": cfg.vae_path,
+        "transformer": cfg.transformer_path,
+    }
+    files = {k: Path(v) for k, v in explicit.items() if v is not None and k in parts}
+    if len(files) < len(parts):
+        files = {**find_release_files(cfg.pretrained), **files}
+    missing = [k for k in parts if k not in files]
+    if missing:
+        raise ModelLoadError(
+            f"{cfg.pretrained}: no {', '.join(missing)} found in the original Wan layout; set model."
+            + ", model.".join(f"{k}_path" for k in missing)
+        )
+    return files
+
+
+def _is_diffusers_transformer_dir(path: Path) -> bool:
+    config = path / "config.json"
+    return config.is_file() and "num_attention_heads" in json.loads(config.read_text())
 
 
 def load_transformer(cfg, *, torch_dtype: torch.dtype = torch.float32):
     """The relational transformer for a :class:`~lumosx_model.config.ModelConfig`.
 
     Weights, by priority: ``cfg.transformer_path`` (a diffusers ``transformer/`` dir, a run dir holding one,
-    or a training checkpoint dir with ``model.safetensors`` + ``transformer_config.json``), then the tiny
-    random build (``cfg.tiny``, seeded), then ``cfg.pretrained`` (Wan2.1 diffusers weights: hub id or dir).
+    a training checkpoint dir with ``model.safetensors`` + ``transformer_config.json``, or original-layout Wan
+    weights: a ``.pt`` / ``.pth`` / ``.safetensors`` file or a folder of them), then the tiny random build
+    (``cfg.tiny``, seeded), then ``cfg.pretrained`` (diffusers weights, or with ``weights_format: wan`` the
+    transformer file of the original-layout download).
     """
     from lumosx_model.transformer import RelationalWanTransformer
+    from lumosx_model.wan_original import load_original_transformer
 
     if cfg.transformer_path is not None:
         path = Path(cfg.transformer_path)
         if (path / "transformer" / "config.json").is_file():
             path = path / "transformer"
-        if (path / "config.json").is_file():
+        if path.is_file():
+            return load_original_transformer(path, torch_dtype=torch_dtype)
+        if _is_diffusers_transformer_dir(path):
             return RelationalWanTransformer.from_pretrained(str(path), torch_dtype=torch_dtype)
         if (path / TRANSFORMER_CONFIG).is_file() and (path / "model.safetensors").is_file():
             from safetensors.torch import load_file
@@ -256,15 +326,21 @@ def load_transformer(cfg, *, torch_dtype: torch.dtype = torch.float32):
             model = RelationalWanTransformer.from_config(config)
             model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
             return model if torch_dtype == torch.float32 else model.to(torch_dtype)
+        if path.is_dir() and any(p.name.endswith((".pt", ".pth", ".safetensors")) for p in path.iterdir()):
+            return load_original_transformer(path, torch_dtype=torch_dtype)
         raise FileNotFoundError(
-            f"{path}: no transformer weights (expected config.json + safetensors, or a "
-            f"training checkpoint with {TRANSFORMER_CONFIG} and model.safetensors)"
+            f"{path}: no transformer weights (expected config.json + safetensors, a "
+            f"training checkpoint with {TRANSFORMER_CONFIG} and model.safetensors, or Wan-layout weights)"
         )
     if cfg.tiny:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.tiny_seed)
             model = RelationalWanTransformer.from_config(RelationalWanTransformer.tiny_config())
         return model if torch_dtype == torch.float32 else model.to(torch_dtype)
+    if cfg.weights_format == "wan":
+        return load_original_transformer(
+            original_files(cfg, ("transformer",))["transformer"], torch_dtype=torch_dtype
+        )
     return RelationalWanTransformer.from_pretrained(
         cfg.pretrained, subfolder="transformer", revision=cfg.revision, torch_dtype=torch_dtype
     )

@@ -204,6 +204,7 @@ def conditions_from_meta(
     max_attributes: int = 3,
     max_objects: int | None = None,
     whole_person_prob: float = 0.3,
+    whole_person_as_object: bool = False,
     use_objects: bool = True,
     use_background: bool = True,
 ) -> list[ConditionImage]:
@@ -214,7 +215,10 @@ def conditions_from_meta(
     ``max_subjects``, attributes beyond ``max_attributes`` and objects beyond ``max_objects`` (None: no cap) are
     dropped at random (order kept). A person
     with a whole-person cut-out is given as that single image (a group of one ``face``-kind condition
-    labelled with the person's phrase) with probability ``whole_person_prob``.
+    labelled with the person's phrase) with probability ``whole_person_prob``. With
+    ``whole_person_as_object`` it is stored as the released LumosX loader stores it: a non-human entry
+    (``object`` kind after the other objects: object position, its own word mask, no negative MCAM level
+    against the other persons), and the remaining persons' groups are renumbered.
     """
     if not isinstance(meta, SampleMeta):
         try:
@@ -246,17 +250,21 @@ def conditions_from_meta(
                     Condition("object", obj.label), load_rgb(_member(members, obj.image, "object"))
                 )
             )
-    for group, person in enumerate(persons):
+    groups: list[ConditionImage] = []
+    group = -1
+    for person in persons:
         # Draw for every person (even without a whole image) so the random stream does not depend on it.
         use_whole = rng.random() < whole_person_prob
         if person.whole and use_whole:
-            out.append(
-                ConditionImage(
-                    Condition("face", person.label, group), load_rgb(_member(members, person.whole, "whole"))
-                )
-            )
+            whole = load_rgb(_member(members, person.whole, "whole"))
+            if whole_person_as_object:  # objects precede groups in the canonical order
+                out.append(ConditionImage(Condition("object", person.label), whole))
+            else:
+                group += 1
+                groups.append(ConditionImage(Condition("face", person.label, group), whole))
             continue
-        out.append(
+        group += 1
+        groups.append(
             ConditionImage(
                 Condition("face", person.label, group), load_rgb(_member(members, person.face, "face"))
             )
@@ -266,12 +274,13 @@ def conditions_from_meta(
             keep = sorted(rng.sample(range(len(attributes)), max_attributes))
             attributes = [attributes[i] for i in keep]
         for attr in attributes:
-            out.append(
+            groups.append(
                 ConditionImage(
                     Condition("attribute", attr.label, group),
                     load_rgb(_member(members, attr.image, "attribute")),
                 )
             )
+    out.extend(groups)
     layout_of(out)  # built in canonical order; fail loudly if that ever changes
     return out
 

@@ -1,7 +1,9 @@
 """Training and inference configuration (pydantic, loadable from YAML).
 
 Presets ship as YAML in ``lumosx_model/configs/``: ``tiny`` (random tiny models, CPU, for tests and smoke
-runs), ``paper_stage1`` / ``paper_stage2`` (the paper's two stages on Wan2.1-T2V-1.3B) and ``inference``.
+runs), ``paper_stage1`` / ``paper_stage2`` (the paper's two stages on Wan2.1-T2V-1.3B), ``inference``, and
+``lumosx_release`` / ``lumosx_release_finetune`` (run or fine-tune the authors' released weights, original Wan2.1
+layout, with the released arithmetic).
 Values the paper does not publish (learning rate, batch size, training sigma shift, ...) are marked *design*
 in the field descriptions.
 """
@@ -20,19 +22,40 @@ from lumosx_model.relational import RelationalConfig
 
 WAN_T2V_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
+# Wan2.1's standard negative prompt (wan/configs/shared_config.py, ``sample_neg_prompt``), the released LumosX
+# inference default; ours is empty unless a preset (lumosx_release) sets this one.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class ModelConfig(_Strict):
-    pretrained: str = Field(WAN_T2V_1_3B, description="Wan2.1 diffusers repo: hub id or local directory.")
+    pretrained: str = Field(
+        WAN_T2V_1_3B,
+        description="Wan2.1 diffusers repo (hub id or local directory); with weights_format 'wan', a local "
+        "download in the original Wan layout, e.g. of the LumosX release (Alibaba-DAMO-Academy/LumosX).",
+    )
     revision: str | None = None
+    weights_format: Literal["diffusers", "wan"] = Field(
+        "diffusers",
+        description="'diffusers': pretrained is a diffusers Wan2.1 repo. 'wan': the original Wan2.1 layout "
+        "(models_t5_umt5-xxl-enc-bf16.pth, umt5-xxl/ tokenizer, vae.pth, the transformer as .pt/.pth/"
+        ".safetensors), found in pretrained or pretrained/LumosX_models unless given below.",
+    )
     transformer_path: str | None = Field(
         None,
-        description="Directory with a trained transformer (a run's checkpoint or final dir); its "
-        "'transformer/' subfolder (or the dir itself) replaces the pretrained one.",
+        description="A trained transformer replacing the pretrained one: a run's checkpoint or final dir (its "
+        "'transformer/' subfolder or the dir itself), or an original-layout Wan/LumosX weights file or folder.",
     )
+    text_encoder_path: str | None = Field(None, description="'wan' format: the UMT5 encoder .pth.")
+    tokenizer_path: str | None = Field(None, description="'wan' format: the umt5-xxl tokenizer folder.")
+    vae_path: str | None = Field(None, description="'wan' format: the VAE .pth.")
     tiny: bool = Field(
         False, description="Build tiny random-weight models of the same architectures (tests)."
     )
@@ -95,6 +118,11 @@ class DataConfig(_Strict):
         None, ge=0, description="Objects beyond this are dropped at random (null: keep all)."
     )
     whole_person_prob: float = 0.3
+    whole_person_as_object: bool = Field(
+        False,
+        description="Give a whole-person cut-out as the released loader does: a non-human (object) entry "
+        "with its own word mask and no negative MCAM level, instead of a one-image subject group.",
+    )
     use_objects: bool = True
     use_background: bool = True
     condition_slots: int | Literal["auto"] | None = Field(
@@ -193,6 +221,45 @@ class OptimConfig(_Strict):
     eps: float = 1e-8
     warmup_steps: int = 100
     max_grad_norm: float = 1.0
+    scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field(
+        "constant_with_warmup",
+        description="LR schedule by name (diffusers get_scheduler) over max_steps, with warmup_steps of "
+        "linear warmup ('constant' has none).",
+    )
+    num_cycles: int = Field(1, description="cosine_with_restarts: number of restarts.")
+    power: float = Field(1.0, description="polynomial: power of the decay.")
+
+
+class EMAConfig(_Strict):
+    """Exponential moving average of the transformer weights (diffusers ``EMAModel``)."""
+
+    enabled: bool = False
+    decay: float = Field(0.9999, description="Largest decay; with warmup, the effective decay grows to it.")
+    min_decay: float = 0.0
+    update_after_step: int = Field(0, description="Start averaging after this many optimizer steps.")
+    use_ema_warmup: bool = Field(False, description="decay = 1 - (1 + step / inv_gamma) ** -power.")
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+    export: bool = Field(True, description="Export the EMA weights (not the raw ones) as the final model.")
+
+
+class ValidationConfig(_Strict):
+    """Videos generated every ``every`` steps from a fixed list of official case folders, logged to the tracker
+    and written to ``<output_dir>/validation/step-N/<case>.mp4`` (main process, EMA weights if enabled)."""
+
+    cases: list[str] = Field(default_factory=list, description="Official case folders.")
+    every: int = Field(0, ge=0, description="Steps between validations (0: never).")
+    height: int | None = Field(None, description="null: the first data bucket's height.")
+    width: int | None = Field(None, description="null: the first data bucket's width.")
+    num_frames: int | None = Field(None, description="null: data.num_frames.")
+    steps: int = 30
+    shift: float = 8.0
+    guidance_scale: float = 6.0
+    negative_prompt: str = ""
+    negative_mcam: Literal["own", "positive"] = "own"
+    seed: int = 0
 
 
 class TrainConfig(_Strict):
@@ -208,7 +275,17 @@ class TrainConfig(_Strict):
     sigma_shift: float = Field(3.0, description="design: training sigma shift, sigma = s*u/(1+(s-1)*u).")
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
-    log_every: int = 10
+    log_every: int = Field(10, description="Steps between loss / LR / speed logs (steps/s, samples/s, ETA).")
+    tracker: Literal["tensorboard", "wandb", "none"] = Field(
+        "tensorboard", description="Where logs and validation videos go (wandb needs `pip install wandb`)."
+    )
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    export_wan: bool = Field(
+        False,
+        description="Also export the final transformer in the original Wan2.1 layout to "
+        "<output_dir>/transformer_wan/ (loadable by the authors' scripts).",
+    )
     resume_from: str | None = Field(
         "latest", description="'latest' (in output_dir, if any), a checkpoint dir, or null."
     )
@@ -234,7 +311,15 @@ class InferenceConfig(_Strict):
     steps: int = 50
     shift: float = 8.0
     guidance_scale: float = 6.0
-    negative_prompt: str = ""
+    negative_prompt: str = Field(
+        "", description="CFG negative prompt; the lumosx_release preset uses Wan's standard one."
+    )
+    negative_mcam: Literal["own", "positive"] = Field(
+        "own",
+        description="MCAM templates of the CFG negative branch: 'own' (from the negative prompt's tokens, so "
+        "an empty prompt gets no bias) or 'positive' (the positive prompt's label masks, as the released "
+        "LumosX inference does).",
+    )
     seed: int = 0
     device: str = "cuda"
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"

@@ -355,6 +355,7 @@ class SampleDecoder:
             max_attributes=cfg.max_attributes,
             max_objects=cfg.max_objects,
             whole_person_prob=cfg.whole_person_prob if self.train else 0.0,
+            whole_person_as_object=cfg.whole_person_as_object,
             use_objects=cfg.use_objects,
             use_background=cfg.use_background,
         )

@@ -3,7 +3,9 @@
 Settings of the paper (SPEC §2): 50 steps, flow shift 8, text CFG 6 where both branches keep the same image
 conditions (only the prompt changes), 480×832, 81 frames at 16 fps. Weights: Wan2.1 diffusers weights (hub id
 or local dir, revision) plus an optional trained transformer (a run's ``transformer/`` export or a
-checkpoint).
+checkpoint), or the authors' released weights in the original Wan2.1 layout (``model.weights_format: wan``; the
+``lumosx_release`` preset also turns on the released CFG: Wan's negative prompt, positive MCAM masks on the
+negative branch).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 from pathlib import Path
+from typing import Literal
 
 import av
 import numpy as np
@@ -72,6 +75,7 @@ class LumosXGenerator:
         shift: float = 8.0,
         guidance_scale: float = 6.0,
         negative_prompt: str = "",
+        negative_mcam: Literal["own", "positive"] = "own",
         seed: int = 0,
         identity_only: bool = False,
         condition_slots: int | None = None,
@@ -81,6 +85,8 @@ class LumosXGenerator:
         ``condition_slots`` zero-pads the conditions to that many slots (padding is masked out, so the video is
         the same up to float rounding): every case then has the same sequence length and compiled kernels are
         reused across cases. A case with more conditions raises :class:`TooManyConditionsError`.
+        ``negative_mcam="positive"`` gives the negative branch the positive prompt's MCAM templates (the
+        released code's behaviour) instead of templates from its own tokens.
         """
         if (num_frames - 1) % 4 or height % 16 or width % 16:
             raise ValueError(
@@ -103,9 +109,11 @@ class LumosXGenerator:
         input_ids, attention_mask = enc.prompt_tokenizer(prompts)
         text = enc.encode_text(input_ids, attention_mask).to(self.dtype)
         label_ids = [enc.prompt_tokenizer.label_ids(c.condition.label) for c in conds]
-        # Both branches see the same images; their MCAM templates follow their own prompt's tokens.
+        # Both branches see the same images; their MCAM templates follow their own prompt's tokens, or both
+        # the positive prompt's (negative_mcam="positive", as released).
+        template_ids = input_ids[:1].expand_as(input_ids) if negative_mcam == "positive" else input_ids
         templates = pad_templates(
-            [mcam_template(layout, ids.tolist(), label_ids) for ids in input_ids],
+            [mcam_template(layout, ids.tolist(), label_ids) for ids in template_ids],
             num_slots,
             input_ids.shape[1],
         ).to(device)
@@ -176,6 +184,7 @@ def generate_case(
         shift=cfg.shift,
         guidance_scale=cfg.guidance_scale,
         negative_prompt=cfg.negative_prompt,
+        negative_mcam=cfg.negative_mcam,
         seed=cfg.seed,
         identity_only=cfg.identity_only,
         condition_slots=cfg.condition_slots,

@@ -200,12 +200,13 @@ def mcam_bias_paper(
     ratio: float,
     pool: int = 8,
 ) -> torch.Tensor:
-    """The released code's MCAM bias ``r·|s̃|·M`` for the condition rows of the text cross-attention.
+    """The paper's MCAM bias ``r·|s̃|·M`` with correct tile pooling (``mcam_mode="paper"``).
 
     ``s̃`` approximates the logit ``q·k/√d`` of each condition token by that of the mean query of its
-    ``pool×pool`` tile of the condition's H'×W' latent (partial tiles at the border average their valid
-    tokens), broadcast back to every token of the tile. Since the logit is linear in ``q`` this equals the
-    tile mean of the exact logits, at 1/pool² of the cost.
+    ``pool×pool`` tile of the condition's H'×W' latent (partial tiles at the border average their *valid*
+    tokens only), broadcast back to every token of the tile. Since the logit is linear in ``q`` this equals the
+    tile mean of the exact logits, at 1/pool² of the cost. This is the paper's method done right; the released
+    code's arithmetic differs on grids that are not multiples of ``pool`` (see :func:`mcam_bias_release`).
 
     Args:
         q: condition queries ``[B, N·H'·W', heads, d]`` (after q-norm, as the attention sees them).
@@ -216,6 +217,45 @@ def mcam_bias_paper(
     Returns:
         Float bias ``[B, heads, N·H'·W', L_txt]`` in ``q.dtype``, ready for SDPA's ``attn_mask``.
     """
+    return _mcam_bias_pooled(q, k_text, templates, grid_hw, ratio=ratio, pool=pool, release=False)
+
+
+def mcam_bias_release(
+    q: torch.Tensor,
+    k_text: torch.Tensor,
+    templates: torch.Tensor,
+    grid_hw: tuple[int, int],
+    *,
+    ratio: float,
+    pool: int = 8,
+) -> torch.Tensor:
+    """The released LumosX code's MCAM bias, bit for bit in its arithmetic (``mcam_mode="release"``).
+
+    Two differences from :func:`mcam_bias_paper`, both only when H' or W' is not a multiple of ``pool``:
+
+    * **padding counts in the mean**: the H'×W' grid is zero-padded to multiples of ``pool`` and every tile is
+      averaged over all ``pool²`` entries, so a border tile's mean is shrunk towards 0;
+    * **crop after flatten**: the upsampled ``[H'_pad, W'_pad]`` bias is flattened row-major and its first
+      H'·W' entries are kept, so token ``i`` (``i = y·W' + x``) takes the value of padded position
+      ``(i // W'_pad, i % W'_pad)``, a tile shifted away from its own whenever ``W' != W'_pad``.
+
+    Weights trained with the released code saw this arithmetic, so use this mode to run or fine-tune them
+    faithfully. Unlike the released code it is computed per sample (the release mixes samples when B > 1).
+    Arguments and result as :func:`mcam_bias_paper`; on grids that are multiples of ``pool`` both are equal.
+    """
+    return _mcam_bias_pooled(q, k_text, templates, grid_hw, ratio=ratio, pool=pool, release=True)
+
+
+def _mcam_bias_pooled(
+    q: torch.Tensor,
+    k_text: torch.Tensor,
+    templates: torch.Tensor,
+    grid_hw: tuple[int, int],
+    *,
+    ratio: float,
+    pool: int,
+    release: bool,
+) -> torch.Tensor:
     bsz, lq, heads, dim = q.shape
     hh, ww = grid_hw
     n = templates.shape[1]
@@ -224,12 +264,19 @@ def mcam_bias_paper(
     hp, wp = math.ceil(hh / pool) * pool, math.ceil(ww / pool) * pool
     x = q.reshape(bsz * n, hh, ww, heads * dim).permute(0, 3, 1, 2)
     x = F.pad(x, (0, wp - ww, 0, hp - hh))
-    count = F.pad(q.new_ones(1, 1, hh, ww), (0, wp - ww, 0, hp - hh))
-    tiles = F.avg_pool2d(x, pool) / F.avg_pool2d(count, pool)  # mean over the valid tokens of each tile
-    tiles = tiles.reshape(bsz, n, heads, dim, hp // pool, wp // pool)
-    s = torch.einsum("bnhdij,bkhd->bhnijk", tiles, k_text) / math.sqrt(dim)
-    rows = torch.arange(hh, device=q.device) // pool
-    cols = torch.arange(ww, device=q.device) // pool
-    s = s[:, :, :, rows][:, :, :, :, cols]  # nearest upsampling back to H'×W'
-    bias = ratio * s.abs() * templates.to(s.dtype)[:, None, :, None, None, :]
+    tiles = F.avg_pool2d(x, pool)  # zero padding included: mean over all pool² entries
+    if not release:  # rescale to the mean over the valid tokens of each tile
+        count = F.pad(q.new_ones(1, 1, hh, ww), (0, wp - ww, 0, hp - hh))
+        tiles = tiles / F.avg_pool2d(count, pool)
+    tiles_w = wp // pool
+    tiles = tiles.reshape(bsz, n, heads, dim, (hp // pool) * tiles_w)
+    s = torch.einsum("bnhdt,bkhd->bhntk", tiles, k_text) / math.sqrt(dim)
+    # The tile every token reads its |s| from (nearest upsampling back to the token grid).
+    flat = torch.arange(hh * ww, device=q.device)
+    if release:  # position in the padded grid of the token's index in the flattened, cropped sequence
+        row, col = flat // wp, flat % wp
+    else:  # the token's own position
+        row, col = flat // ww, flat % ww
+    s = s[:, :, :, (row // pool) * tiles_w + col // pool]  # [B, heads, N, H'·W', L_txt]
+    bias = ratio * s.abs() * templates.to(s.dtype)[:, None, :, None, :]
     return bias.reshape(bsz, heads, lq, -1).to(q.dtype)

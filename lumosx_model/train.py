@@ -8,15 +8,24 @@ video prediction only). Text encoder and VAE are frozen; the DiT is fully fine-t
 One code path for one GPU, DDP and FSDP: ``accelerate launch`` with an accelerate config chooses; the data
 pipeline splits shards by rank itself. Checkpoints hold accelerate's full state (weights as safetensors,
 optimizer, scheduler, every RNG) plus the number of batches consumed, and resuming replays the run exactly:
-the data stream skips the consumed batches and the RNGs continue where they stopped.
+the data stream skips the consumed batches and the RNGs continue where they stopped. With ``ema.enabled`` the
+checkpoint also holds the EMA weights (``ema.safetensors`` + ``ema.json``), so a resumed run averages exactly as
+an uninterrupted one.
+
+Ergonomics as in diffusers' example trainers: LR schedule by name (``get_scheduler``), EMA (``EMAModel``), loss /
+LR / steps/s / samples/s / ETA logged on the main process (accelerate's logger) and to the tracker (TensorBoard or
+Weights & Biases), and validation videos every N steps from a fixed list of official case folders.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import importlib.util
 import json
-import logging
 import math
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
 from lumosx_model.components import TRANSFORMER_CONFIG, FrozenEncoders, load_encoders, load_transformer
@@ -31,10 +41,12 @@ from lumosx_model.conditions import encode_conditions
 from lumosx_model.config import TrainConfig
 from lumosx_model.data import Batch, LatentCache, build_pipeline, make_loader
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # logs on the main process only (unless main_process_only=False)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+EMA_WEIGHTS = "ema.safetensors"
+EMA_STATE = "ema.json"
 
 
 def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -88,6 +100,44 @@ def flow_matching_loss(
     return F.mse_loss(pred.float(), (noise - x0).float())
 
 
+def _tensorboard_gif(writer, tag: str, frames: torch.Tensor, step: int, fps: float) -> None:
+    """An animated GIF image summary, which TensorBoard's image tab plays: what ``add_video`` writes, without
+    the moviepy dependency it needs to encode one. Falls back to the first / middle / last frames."""
+    import io
+
+    from PIL import Image
+
+    array = frames.numpy()  # uint8 [F, H, W, 3]
+    try:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        images = [Image.fromarray(f) for f in array]
+        buf = io.BytesIO()
+        images[0].save(
+            buf, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
+        )
+        image = Summary.Image(
+            height=array.shape[1], width=array.shape[2], colorspace=3, encoded_image_string=buf.getvalue()
+        )
+        writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+    except (ImportError, AttributeError):  # internals moved: still log something viewable
+        picks = sorted({0, len(array) // 2, len(array) - 1})
+        writer.add_images(tag, array[picks], step, dataformats="NHWC")
+
+
+class _Autocast(torch.nn.Module):
+    """Runs the wrapped transformer under ``autocast`` (mixed precision) and nothing else."""
+
+    def __init__(self, model: torch.nn.Module, autocast) -> None:
+        super().__init__()
+        self.model = model
+        self._autocast = autocast
+
+    def forward(self, *args, **kwargs):
+        with self._autocast():
+            return self.model(*args, **kwargs)
+
+
 @dataclass
 class TrainerState:
     step: int = 0  # optimizer steps done
@@ -106,10 +156,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, accelerator: Accelerator | None = None) -> None:
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
+        if cfg.tracker == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise ImportError("tracker 'wandb' needs the wandb package: pip install wandb")
         self.accelerator = accelerator or Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.grad_accum,
-            log_with="tensorboard",
+            log_with=None if cfg.tracker == "none" else cfg.tracker,
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
             ),
@@ -136,19 +188,47 @@ class Trainer:
             model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps
         )
         # The prepared scheduler steps once per process per optimizer step, hence the scaling (as diffusers).
-        warmup = o.warmup_steps * acc.num_processes
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+        from diffusers.optimization import get_scheduler
+
+        scheduler = get_scheduler(
+            o.scheduler,
+            optimizer,
+            num_warmup_steps=o.warmup_steps * acc.num_processes,
+            num_training_steps=cfg.max_steps * acc.num_processes,
+            num_cycles=o.num_cycles,
+            power=o.power,
+        )
         if fsdp:
             self.model = model
             self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
         else:
             self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.state = TrainerState()
+        self.weight_dtype = weight_dtype
+        if (cfg.ema.enabled or cfg.validation.every) and fsdp:
+            raise ValueError("ema and validation need full weights on one process: use DDP, not FSDP")
+        self.ema = None
+        self._ema_params = list(acc.unwrap_model(self.model).parameters())
+        if cfg.ema.enabled:
+            from diffusers.training_utils import EMAModel
+
+            e = cfg.ema
+            self.ema = EMAModel(
+                self._ema_params,
+                decay=e.decay,
+                min_decay=e.min_decay,
+                update_after_step=e.update_after_step,
+                use_ema_warmup=e.use_ema_warmup,
+                inv_gamma=e.inv_gamma,
+                power=e.power,
+            )
 
         resume = self._resume_dir()
         if resume is not None:
             self.state = TrainerState(**json.loads((resume / STATE_FILE).read_text()))
             acc.load_state(str(resume))
+            if self.ema is not None:
+                self._load_ema(resume)
             log.info("resumed from %s at step %d", resume, self.state.step)
 
         cache = None
@@ -188,6 +268,9 @@ class Trainer:
                     "mcam": cfg.model.relational.mcam,
                     "mcam_ratio": cfg.model.relational.mcam_ratio,
                     "max_persons": cfg.data.max_persons if cfg.data.max_persons is not None else -1,
+                    "mcam_mode": cfg.model.relational.mcam_mode,
+                    "lr_scheduler": o.scheduler,
+                    "ema_decay": cfg.ema.decay if cfg.ema.enabled else 0.0,
                 },
             )
 
@@ -224,6 +307,8 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             total += loss.detach() / self.cfg.grad_accum
+        if self.ema is not None:  # one optimizer step was taken (gradients synced on the last micro-batch)
+            self.ema.step(self._ema_params)
         self.state.step += 1
         return acc.gather(total.reshape(1)).mean().item()
 
@@ -241,23 +326,158 @@ class Trainer:
         """Train until ``max_steps`` (default ``cfg.max_steps``); returns the losses of the steps run here."""
         cfg, acc = self.cfg, self.accelerator
         max_steps = cfg.max_steps if max_steps is None else max_steps
+        samples_per_step = cfg.data.batch_size * cfg.grad_accum * acc.num_processes
         losses = []
+        clock, clock_step = time.perf_counter(), self.state.step
         while self.state.step < max_steps:
             loss = self.train_step()
             losses.append(loss)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {self.state.step}")
-            if self.state.step % cfg.log_every == 0 or self.state.step == max_steps:
+            step = self.state.step
+            if step % cfg.log_every == 0 or step == max_steps:
+                now = time.perf_counter()
+                steps_per_s = (step - clock_step) / max(now - clock, 1e-9)
+                eta = datetime.timedelta(seconds=round((max_steps - step) / max(steps_per_s, 1e-9)))
+                lr = self.scheduler.get_last_lr()[0]
                 acc.log(
-                    {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}, step=self.state.step
+                    {
+                        "train/loss": loss,
+                        "train/lr": lr,
+                        "train/steps_per_s": steps_per_s,
+                        "train/samples_per_s": steps_per_s * samples_per_step,
+                    },
+                    step=step,
                 )
-                log.info("step %d loss %.4f", self.state.step, loss)
-            if self.state.step % cfg.checkpoint_every == 0 or self.state.step == max_steps:
+                log.info(
+                    "step %d/%d loss %.4f lr %.3g | %.2f steps/s, %.2f samples/s, ETA %s",
+                    step,
+                    max_steps,
+                    loss,
+                    lr,
+                    steps_per_s,
+                    steps_per_s * samples_per_step,
+                    eta,
+                )
+                clock, clock_step = now, step
+            if step % cfg.checkpoint_every == 0 or step == max_steps:
                 self.save_checkpoint()
+            if cfg.validation.every and (step % cfg.validation.every == 0 or step == max_steps):
+                started = time.perf_counter()
+                self.validate()
+                clock += time.perf_counter() - started  # keep validation out of the speed and ETA
         if self.state.step >= cfg.max_steps:
-            self.export(self.output_dir / "transformer")
+            with self.ema_weights(cfg.ema.export):
+                self.export(self.output_dir / "transformer")
         acc.wait_for_everyone()
         return losses
+
+    # ------------------------------------------------------------------------------------------ EMA
+    @contextlib.contextmanager
+    def ema_weights(self, use: bool = True) -> Iterator[None]:
+        """Inside, the model holds the EMA weights (if EMA is on and ``use``); its own weights again after."""
+        if self.ema is None or not use:
+            yield
+            return
+        self.ema.store(self._ema_params)
+        self.ema.copy_to(self._ema_params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self._ema_params)
+
+    def _ema_names(self) -> list[str]:
+        return [name for name, _ in self.accelerator.unwrap_model(self.model).named_parameters()]
+
+    def _save_ema(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = self.ema.state_dict()
+        shadow = state.pop("shadow_params")
+        names = self._ema_names()
+        save_file(
+            {n: t.detach().contiguous().cpu() for n, t in zip(names, shadow, strict=True)}, path / EMA_WEIGHTS
+        )
+        (path / EMA_STATE).write_text(json.dumps(state))
+
+    def _load_ema(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        if not (path / EMA_WEIGHTS).is_file():
+            raise FileNotFoundError(f"{path}: ema.enabled but the checkpoint has no {EMA_WEIGHTS}")
+        shadow = load_file(str(path / EMA_WEIGHTS))
+        state = json.loads((path / EMA_STATE).read_text())
+        params = [
+            shadow[n].to(p.device, p.dtype) for n, p in zip(self._ema_names(), self._ema_params, strict=True)
+        ]
+        self.ema.load_state_dict({**state, "shadow_params": params})
+
+    # ------------------------------------------------------------------------------------------ validation
+    def validate(self) -> list[Path]:
+        """Generate the validation cases with the current weights (EMA weights if enabled) on the main process;
+        write ``<output_dir>/validation/step-N/<case>.mp4`` and log frames / videos to the tracker."""
+        from lumosx_model.inference import LumosXGenerator, write_mp4
+        from schemas.official_case import read_case
+
+        cfg, acc, v = self.cfg, self.accelerator, self.cfg.validation
+        written: list[Path] = []
+        if acc.is_main_process and v.cases:
+            model = acc.unwrap_model(self.model)
+            was_training = model.training
+            height, width = v.height or cfg.data.buckets[0][0], v.width or cfg.data.buckets[0][1]
+            out_dir = self.output_dir / "validation" / f"step-{self.state.step:07d}"
+            with self.ema_weights():
+                # fp32 master weights under the run's autocast; the frozen encoders keep their own dtypes
+                # (the VAE decodes in fp32).
+                generator = LumosXGenerator(
+                    _Autocast(model, acc.autocast),
+                    self.encoders,
+                    self.relational,
+                    device=acc.device,
+                    dtype=torch.float32,
+                )
+                try:
+                    for case_dir in v.cases:
+                        name = Path(case_dir).name
+                        try:
+                            frames = generator.generate(
+                                read_case(case_dir),
+                                height=height,
+                                width=width,
+                                num_frames=v.num_frames or cfg.data.num_frames,
+                                steps=v.steps,
+                                shift=v.shift,
+                                guidance_scale=v.guidance_scale,
+                                negative_prompt=v.negative_prompt,
+                                negative_mcam=v.negative_mcam,
+                                seed=v.seed,
+                            )
+                        except ValueError as err:  # a malformed case is reported; the others still run
+                            log.warning(
+                                "validation case %s skipped: %s: %s", case_dir, type(err).__name__, err
+                            )
+                            continue
+                        path = write_mp4(frames, out_dir / f"{name}.mp4", fps=cfg.data.fps)
+                        written.append(path)
+                        self._log_video(name, frames, path)
+                finally:
+                    model.train(was_training)
+            log.info("validation at step %d: %d videos in %s", self.state.step, len(written), out_dir)
+        acc.wait_for_everyone()
+        return written
+
+    def _log_video(self, name: str, frames: torch.Tensor, path: Path) -> None:
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                _tensorboard_gif(
+                    tracker.writer, f"validation/{name}", frames, self.state.step, self.cfg.data.fps
+                )
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log(
+                    {f"validation/{name}": wandb.Video(str(path), format="mp4")}, step=self.state.step
+                )
 
     # ------------------------------------------------------------------------------------------ saving
     def save_checkpoint(self) -> Path:
@@ -267,6 +487,8 @@ class Trainer:
         acc.save_state(str(path))  # weights (safetensors), optimizer, scheduler, RNG states of every process
         if acc.is_main_process:
             (path / TRANSFORMER_CONFIG).write_text(json.dumps(self._transformer_config, default=list))
+            if self.ema is not None:
+                self._save_ema(path)
             # Written last: a checkpoint without it is incomplete and ignored by resume.
             (path / STATE_FILE).write_text(json.dumps(asdict(self.state)))
             done = sorted(
@@ -279,13 +501,20 @@ class Trainer:
         return path
 
     def export(self, path: Path) -> None:
-        """The trained transformer in diffusers format (loadable by from_pretrained and Wan pipelines)."""
+        """The trained transformer in diffusers format (loadable by from_pretrained and Wan pipelines), and with
+        ``export_wan`` also in the original Wan2.1 layout in ``<output_dir>/transformer_wan/``."""
         acc = self.accelerator
         state_dict = acc.get_state_dict(self.model)  # gathers FSDP shards
         if acc.is_main_process:
             acc.unwrap_model(self.model).save_pretrained(
                 str(path), state_dict=state_dict, safe_serialization=True
             )
+            if self.cfg.export_wan:
+                from lumosx_model.wan_original import export_original_transformer
+
+                export_original_transformer(
+                    state_dict, self.output_dir / "transformer_wan", config=self._transformer_config
+                )
 
     def close(self) -> None:
         self.accelerator.end_training()

@@ -126,6 +126,8 @@ def ref_mcam_bias(q, k, templates, H, W, ratio, mode, pool=8) -> torch.Tensor:
 
     q: [B, N*H*W, heads, d] condition queries; k: [B, Ltxt, heads, d]; templates: [B, N, Ltxt].
     paper: s from the mean query of the pool×pool tile (valid tokens only) the row lies in.
+    release: the grid is zero-padded to multiples of pool, tiles are averaged over all pool² entries, and the
+    row at flat index i = y·W + x reads the tile of padded position (i // W_pad, i % W_pad).
     """
     B, Lq, heads, d = q.shape
     Ltxt = k.shape[1]
@@ -137,6 +139,16 @@ def ref_mcam_bias(q, k, templates, H, W, ratio, mode, pool=8) -> torch.Tensor:
             y, x = divmod(pix, W)
             if mode == "exact":
                 qrow = qd[b, row]
+            elif mode == "release":
+                w_pad = -(-W // pool) * pool
+                py, px = divmod(pix, w_pad)
+                members = [
+                    n * H * W + yy * W + xx
+                    for yy in range(H)
+                    for xx in range(W)
+                    if yy // pool == py // pool and xx // pool == px // pool
+                ]
+                qrow = qd[b, members].sum(0) / pool**2
             else:
                 members = [
                     n * H * W + yy * W + xx

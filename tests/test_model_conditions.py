@@ -202,3 +202,27 @@ def test_encode_conditions_one_frame_each_with_zero_padding():
     torch.testing.assert_close(lat[0, 1:2], alone, rtol=1e-4, atol=1e-5)
     video_way = enc.encode_video(pixels[0, 1].unsqueeze(0).unsqueeze(2))[:, :, 0]
     torch.testing.assert_close(alone, video_way)
+
+
+def test_whole_person_as_non_human_entry_like_the_release():
+    meta, members = _meta_members(sample("k", persons=2))
+    conds = conditions_from_meta(
+        meta, members, rng=random.Random(0), whole_person_prob=1.0, whole_person_as_object=True
+    )
+    # Both persons become object-kind entries after the real objects: own word mask, no group, no negative level.
+    assert [(c.condition.kind, c.condition.label, c.condition.group) for c in conds] == [
+        ("background", "garden", -1),
+        ("object", "wooden table", -1),
+        ("object", "man", -1),
+        ("object", "woman", -1),
+    ]
+    assert layout_of(conds).num_groups == 0
+    # Same random draws as the default mode: with one whole person, the other keeps group 0.
+    for seed in range(20):
+        kw = dict(rng=random.Random(seed), whole_person_prob=0.5)
+        default = conditions_from_meta(meta, members, **kw)
+        kw["rng"] = random.Random(seed)
+        release = conditions_from_meta(meta, members, **kw, whole_person_as_object=True)
+        whole = [c for c in default if c.condition.kind == "face" and c.image.size == (8, 20)]
+        assert sum(c.condition.kind == "object" for c in release) == 1 + len(whole)
+        assert layout_of(release).num_groups == layout_of(default).num_groups - len(whole)

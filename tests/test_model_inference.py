@@ -130,3 +130,25 @@ def test_cli_infer(tmp_path):
         == 1
     )  # the broken case is reported, the good one written
     assert _probe(tmp_path / "all" / "case_0.mp4") == (5, 48, 32)
+
+
+def test_released_cfg_gives_the_negative_branch_the_positive_masks(tmp_path):
+    from lumosx_model.config import WAN_NEGATIVE_PROMPT
+
+    gen = LumosXGenerator.from_config(InferenceConfig.preset("inference_tiny"))
+    templates = []
+    forward = gen.transformer.forward
+
+    def spy(hidden, t, text, **kw):
+        templates.append(kw["mcam_templates"])
+        return forward(hidden, t, text, **kw)
+
+    gen.transformer.forward = spy
+    case = read_case(case_folder(tmp_path))
+    kwargs = dict(height=32, width=48, num_frames=5, steps=1, negative_prompt=WAN_NEGATIVE_PROMPT)
+    gen.generate(case, **kwargs, negative_mcam="positive")
+    assert templates[0][0].abs().sum() > 0 and torch.equal(templates[0][1], templates[0][0])
+    gen.generate(case, **kwargs)  # default: the negative prompt's own tokens (no label in it: no bias)
+    assert templates[1][1].abs().sum() == 0
+    assert InferenceConfig.preset("lumosx_release").negative_mcam == "positive"
+    assert InferenceConfig.preset("lumosx_release").negative_prompt == WAN_NEGATIVE_PROMPT

@@ -83,14 +83,15 @@ def test_flex_self_attention_matches_reference(seed):
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["paper", "release"])
 @pytest.mark.parametrize("backend", ["dense", "flex"])
-def test_paper_mcam_cross_attention_matches_reference(backend):
+def test_pooled_mcam_cross_attention_matches_reference(backend, mode):
     q, k, v, templates = cross_attention_case(0)
-    bias = ref_mcam_bias(q, k, templates, 3, 4, ratio=0.5, mode="paper", pool=2)
+    bias = ref_mcam_bias(q, k, templates, 3, 4, ratio=0.5, mode=mode, pool=2)
     expected = ref_attention(q, k, v, bias=bias)
     with torch.no_grad():
         out = mcam_cross_attention(
-            q, k, v, templates, (3, 4), ratio=0.5, mode="paper", pool=2, backend=backend, compiled=False
+            q, k, v, templates, (3, 4), ratio=0.5, mode=mode, pool=2, backend=backend, compiled=False
         )
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-4)
 
@@ -121,7 +122,7 @@ def test_dense_kernels_backpropagate():
     mask = csam_dense(layouts, GRID, seq_len)[:, None]
     masked_self_attention(q, k, v, mask, backend="dense").sum().backward()
     assert torch.isfinite(q.grad).all()
-    for mode in ("paper", "exact"):
+    for mode in ("paper", "release", "exact"):
         qc, kc, vc, templates = cross_attention_case(3)
         qc.requires_grad_(True)
         mcam_cross_attention(

@@ -1,4 +1,4 @@
-"""CSAM masks and MCAM templates / paper bias against the loop reference, on random batches of layouts."""
+"""CSAM masks and MCAM templates / paper and release biases against the loop reference, on random batches of layouts."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from lumosx_model.masks import (
     csam_block_mask,
     csam_dense,
     mcam_bias_paper,
+    mcam_bias_release,
     mcam_template,
     pad_templates,
     token_segments,
@@ -161,3 +162,57 @@ def test_mcam_bias_paper_matches_reference(grid_hw, pool):
     if pool == 1:  # 1×1 tiles: the approximation is exact
         exact = ref_mcam_bias(q, k, templates, *grid_hw, ratio=0.5, mode="exact")
         torch.testing.assert_close(got, exact)
+
+
+@pytest.mark.parametrize("grid_hw, pool", [((10, 12), 8), ((5, 7), 3), ((3, 2), 8), ((4, 6), 2)])
+def test_mcam_bias_release_matches_reference(grid_hw, pool):
+    torch.manual_seed(1)
+    bsz, n, heads, dim, ltxt = 2, 2, 2, 4, 3
+    hw = grid_hw[0] * grid_hw[1]
+    q = torch.randn(bsz, n * hw, heads, dim, dtype=torch.float64)
+    k = torch.randn(bsz, ltxt, heads, dim, dtype=torch.float64)
+    templates = torch.randint(-1, 2, (bsz, n, ltxt)).double()
+    got = mcam_bias_release(q, k, templates, grid_hw, ratio=0.5, pool=pool)
+    expected = ref_mcam_bias(q, k, templates, *grid_hw, ratio=0.5, mode="release", pool=pool)
+    torch.testing.assert_close(got, expected)
+
+
+def test_mcam_bias_release_hand_computed_on_10x12():
+    """10×12 grid, 8×8 tiles: padded to 16×16. With q = 1 on columns 0–7 and 4 on columns 8–11 (one head,
+    d = 1, one text key equal to 1, M = 1, r = 1) the bias is the tile mean of q:
+
+    * paper: tiles average their valid tokens, so every token gets its own q (1 or 4);
+    * release: tile (0, 0) = 64·1/64 = 1, tile (0, 1) = 32·4/64 = 2 (its 32 padding zeros count), and token
+      ``i = 12y + x`` reads padded position ``(i // 16, i % 16)``, always in tile row 0 since i < 128.
+    """
+    hh, ww = 10, 12
+    q_grid = torch.ones(hh, ww, dtype=torch.float64)
+    q_grid[:, 8:] = 4.0
+    q = q_grid.reshape(1, hh * ww, 1, 1)
+    k = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    templates = torch.ones(1, 1, 1, dtype=torch.float64)
+    paper = mcam_bias_paper(q, k, templates, (hh, ww), ratio=1.0).reshape(hh, ww)
+    release = mcam_bias_release(q, k, templates, (hh, ww), ratio=1.0).reshape(hh, ww)
+    torch.testing.assert_close(paper, q_grid)
+    expected = torch.tensor(
+        [[1.0 if (12 * y + x) % 16 < 8 else 2.0 for x in range(ww)] for y in range(hh)], dtype=torch.float64
+    )
+    torch.testing.assert_close(release, expected)
+    # Spot checks, by hand:
+    assert release[0, 8] == 2.0  # own tile (0, 1), but the padding halves the mean (paper: 4)
+    assert release[1, 0] == 2.0  # i = 12 -> padded (0, 12): shifted into tile (0, 1) (paper: 1)
+    assert release[1, 4] == 1.0  # i = 16 -> padded (1, 0): tile (0, 0)
+    assert release[9, 11] == 1.0  # i = 119 -> padded (7, 7): tile (0, 0) (paper: 4)
+    assert release[8, 0] == 1.0  # i = 96 -> padded (6, 0): tile (0, 0) although the token lies in tile row 1
+    assert (release != paper).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("grid_hw", [(8, 8), (16, 24), (24, 8)])
+def test_mcam_bias_release_equals_paper_on_multiples_of_the_tile(grid_hw):
+    torch.manual_seed(2)
+    n, heads, dim, ltxt = 2, 2, 8, 6
+    q = torch.randn(2, n * grid_hw[0] * grid_hw[1], heads, dim)
+    k = torch.randn(2, ltxt, heads, dim)
+    templates = torch.randint(-1, 2, (2, n, ltxt)).float()
+    release = mcam_bias_release(q, k, templates, grid_hw, ratio=0.5, pool=8)
+    torch.testing.assert_close(release, mcam_bias_paper(q, k, templates, grid_hw, ratio=0.5, pool=8))

@@ -80,7 +80,7 @@ def test_without_conditions_equals_wan(model):
     torch.testing.assert_close(empty, expected, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["paper", "exact"])
+@pytest.mark.parametrize("mode", ["paper", "release", "exact"])
 def test_mixed_layout_batch_equals_per_sample_runs(model, mode):
     inputs = batch()
     cfg = RelationalConfig(mcam_mode=mode, mcam_pool=2)
@@ -122,7 +122,7 @@ def test_flex_backend_matches_dense(model, monkeypatch):
     monkeypatch.setattr(attention_module, "_flex_attention", lambda compiled: flex_attention)
     inputs = batch()
     with torch.no_grad():
-        for mode in ("paper", "exact"):
+        for mode in ("paper", "release", "exact"):
             dense = model(**inputs, relational=RelationalConfig(mcam_mode=mode, backend="dense"))
             flex = model(**inputs, relational=RelationalConfig(mcam_mode=mode, backend="flex"))
             torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-4)
