@@ -21,10 +21,20 @@ DEFAULTS: dict[str, str] = {
     "flux-fill": "black-forest-labs/FLUX.1-Fill-dev",
     "yolo": "yolo11x.pt",
     "insightface": "buffalo_l",
+    # evaluation (issue 9): face recognisers are insightface packs (the recognition ONNX inside, see
+    # models/face_embedder.py), the rest are hub ids.
+    "arcface": "buffalo_l",
+    "glintr100": "antelopev2",
+    "owlv2": "google/owlv2-base-patch16-ensemble",
+    "florence2": "microsoft/Florence-2-large",
+    "dinov2": "facebook/dinov2-base",
+    "xclip": "microsoft/xclip-base-patch32",
+    "videoclip-xl": "alibaba-pai/VideoCLIP-XL-v2",
 }
 """The weights a backend loads when its spec names none (the adapters take theirs from here)."""
 
 _HUB = {"nvila", "qwen2.5-vl", "grounding-dino", "sam-hf", "flux-fill"}
+_HUB |= {"owlv2", "florence2", "dinov2", "xclip", "videoclip-xl"}  # evaluation models (issue 9)
 _PACKAGED = {"opencv-hog": "cv2", "dlib": "dlib", "mtcnn": "facenet_pytorch"}
 
 
@@ -83,9 +93,9 @@ def missing(spec: ModelSpec) -> str | None:
         if Path(weights).is_file() or _ultralytics_has(weights):
             return None
         return None if hub_reachable() else f"yolo weights {weights} are not here and cannot be downloaded"
-    if backend == "insightface":
+    if backend in ("insightface", "arcface", "glintr100"):  # model packs (the face embedders may name a file)
         root = Path(spec.options.get("root", "~/.insightface")).expanduser()
-        if (root / "models" / weights).is_dir() or Path(weights).is_dir():
+        if (root / "models" / weights).is_dir() or Path(weights).is_dir() or Path(weights).is_file():
             return None
         return None if hub_reachable() else f"insightface pack {weights} is not under {root}/models"
     if backend in _HUB:
