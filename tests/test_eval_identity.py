@@ -135,4 +135,6 @@ def test_real_clip_scores_high_against_its_own_faces_low_against_others_zero_mas
     assert theirs.score < 0.2
     assert masked.score < 0.05 and masked.frames_with_miss == masked.frames
     # The raw cosine (the paper's definition, floor 0) keeps the order, with dlib's compressed scale.
-    assert _score(detector, embedder, two, own, 0.0).score > _score(detector, embedder, two, others, 0.0).score
+    assert (
+        _score(detector, embedder, two, own, 0.0).score > _score(detector, embedder, two, others, 0.0).score
+    )

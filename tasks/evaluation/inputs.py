@@ -114,3 +114,43 @@ def load_rgb(path: str | Path | None, data: bytes | None = None) -> np.ndarray:
             canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return np.asarray(Image.alpha_composite(canvas, rgba).convert("RGB"))
         return np.asarray(im.convert("RGB"))
+
+
+def cutout_rgba(image: np.ndarray, white: int = 248) -> np.ndarray:
+    """A reference cut-out with its background as alpha 0.
+
+    The curation writes attribute and object cut-outs on white (tasks/sample.py) and the case layout carries no
+    mask, so white pixels connected to the image border are background: left in, they would make every
+    reference look partly "white" to a colour or image matcher. An RGBA input keeps its own alpha.
+    """
+    from scipy import ndimage
+
+    if image.ndim == 3 and image.shape[2] == 4:
+        return image
+    near_white = (image >= white).all(axis=2)
+    labels, _ = ndimage.label(near_white)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    background = np.isin(labels, border[border > 0])
+    alpha = np.where(background, 0, 255).astype(np.uint8)
+    if not alpha.any():  # all white: keep it whole rather than hand the matcher an empty image
+        alpha[:] = 255
+    return np.dstack([image, alpha])
+
+
+def load_rgba(path: str | Path | None, data: bytes | None = None) -> np.ndarray:
+    """A cut-out reference as RGBA uint8 (alpha from the file, else from its white background)."""
+    import io
+
+    with Image.open(io.BytesIO(data) if data is not None else path) as im:
+        im.load()
+        if im.mode in ("RGBA", "LA", "P", "PA"):
+            return np.asarray(im.convert("RGBA"))
+        return cutout_rgba(np.asarray(im.convert("RGB")))
+
+
+def on_white(image: np.ndarray) -> np.ndarray:
+    """RGB of an RGB or RGBA image, transparent pixels white (for models that take no mask)."""
+    if image.ndim == 3 and image.shape[2] == 4:
+        a = image[..., 3:4].astype(np.float32) / 255.0
+        return (image[..., :3] * a + 255.0 * (1 - a)).round().astype(np.uint8)
+    return image

@@ -26,7 +26,7 @@ from tasks.evaluation.identity import (
     reference_embeddings,
     uniform_indices,
 )
-from tasks.evaluation.inputs import EvalItem, load_rgb, read_video
+from tasks.evaluation.inputs import EvalItem, load_rgb, load_rgba, read_video
 from tasks.evaluation.two_tier import Entity, two_tier
 from tasks.evaluation.video_text import viclip_t, viclip_v
 
@@ -272,11 +272,11 @@ class Evaluator:
         middle = frames[len(frames) // 2]
         subjects = [(s.face.label, [a.label for a in s.attributes]) for s in case.subjects]
         entities = [
-            Entity(k, a.label, load_rgb(None, a.read_bytes()))
+            Entity(k, a.label, load_rgba(None, a.read_bytes()))
             for k, s in enumerate(case.subjects)
             for a in s.attributes
         ]
-        entities += [Entity(None, o.label, load_rgb(None, o.read_bytes())) for o in case.objects]
+        entities += [Entity(None, o.label, load_rgba(None, o.read_bytes())) for o in case.objects]
         result = two_tier(
             middle,
             row.key,
@@ -305,7 +305,7 @@ class Evaluator:
         embs = embed_faces(embedder, images, dets)
         persons = self.person_detector(images) if self.person_detector is not None else [[] for _ in images]
         attributes = [
-            (k, a.label, load_rgb(None, a.read_bytes()))
+            (k, a.label, load_rgba(None, a.read_bytes()))
             for k, s in enumerate(case.subjects)
             for a in s.attributes
         ]

@@ -22,6 +22,7 @@ from schemas.evaluation import CaseFailure, Task
 from schemas.records import Box
 from tasks.evaluation.binding import crop
 from tasks.evaluation.identity import calibrate
+from tasks.evaluation.inputs import on_white
 
 
 def subject_query(face_label: str, attributes: Sequence[str]) -> str:
@@ -138,7 +139,7 @@ def two_tier(
         n = len(found_idx)
         clip_t[found_idx] = np.einsum("nd,nd->n", img[:n], txt)
         clip_i[found_idx] = np.einsum("nd,nd->n", img[:n], img[n:])
-        feats = np.asarray(image_features.embed_images(got + refs), np.float32)
+        feats = np.asarray(image_features.embed_images(got + [on_white(r) for r in refs]), np.float32)
         dino_i[found_idx] = np.einsum("nd,nd->n", feats[:n], feats[n:])
 
     def mean(values) -> float:
