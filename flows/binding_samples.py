@@ -77,7 +77,7 @@ def face_boxes(offset: tuple[int, int] = (0, 0)) -> dict[str, Box]:
 def binding_frame(garments: dict[str, str], offset: tuple[int, int] = (0, 0)) -> np.ndarray:
     """The two persons, `garments[label]` pasted on each one's torso (label: "woman" / "man")."""
     canvas = Image.new("RGB", SIZE, WALL)
-    for label, (photo, box, (px, py), _) in PERSONS.items():
+    for _label, (photo, box, (px, py), _) in PERSONS.items():
         canvas.paste(_photo(photo).crop(box), (px + offset[0], py + offset[1]))
     for label, face in face_boxes(offset).items():
         cut = Image.fromarray(garment_cutout(garments[label]))
