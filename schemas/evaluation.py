@@ -117,7 +117,7 @@ _OFFLINE: dict[str, Any] = {
     # Unrelated faces score 0.83-0.92 in raw cosine, the same face 0.99: without this floor every face "matches".
     "face_cosine_floor": {"DlibSim": 0.92},
     "video_text": _tiny("xclip"),
-    "optical_flow": _tiny("raft-small"),
+    "optical_flow": _tiny("raft-small", num_flow_updates=4),
     "subject_detector": _tiny("owlv2"),  # Florence-2's tiny build generates random text: no boxes to parse
     "attribute_detector": _tiny("owlv2"),
     "image_text": _tiny("clip"),
