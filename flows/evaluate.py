@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 _EVALUATORS: dict[str, Evaluator] = {}
 
 
+def artifact_key(out: str) -> str:
+    """Prefect artifact keys allow lower-case letters, digits and dashes: one key per output folder."""
+    return "evaluate-summary-" + hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:10]
+
+
 def evaluator_for(cfg: EvalConfig) -> Evaluator:
     """One Evaluator (and so one set of loaded models) per configuration per process."""
     key = cfg.model_dump_json()
@@ -118,9 +123,8 @@ def evaluate(
     futures = [evaluate_batch_task.submit(cfg, batch, n) for n, batch in enumerate(batches)]
     rows = [row for f in futures for row in f.result()]
     summary = finish(cfg, rows, items, missing, out, method)
-    slug = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:10]
     with contextlib.suppress(Exception):  # the summary is on disk too
-        create_markdown_artifact(summary_markdown(summary), key=f"evaluate-summary-{slug}", description=out)
+        create_markdown_artifact(summary_markdown(summary), key=artifact_key(out), description=out)
     if missing:
         log.warning("%d case(s) have no generated video: %s", len(missing), ", ".join(missing[:10]))
     log.info("evaluated %d videos into %s", len(rows), out)

@@ -135,7 +135,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "identity_max_frames": 6,
         "binding_frames": 1,
         "max_side": 640,
-        "dynamic_max_side": 256,
+        "dynamic_max_side": 128,
     },
 }
 
@@ -187,10 +187,13 @@ class VideoMetrics(Section):
     failures: list[CaseFailure] = Field(default_factory=list)
     random_weight_metrics: list[str] = Field(default_factory=list)
     seconds: float = 0.0
+    metric_seconds: dict[str, float] = Field(default_factory=dict, description="wall time of each metric")
 
     def flat(self) -> dict[str, Any]:
         """One Parquet row: named-score dicts become columns (identity_ArcSim, tier1_face_ArcSim, ...)."""
-        row = self.model_dump(exclude={"identity", "tier1_face", "binding", "failures"})
+        row = self.model_dump(exclude={"identity", "tier1_face", "binding", "failures", "metric_seconds"})
+        for name, value in self.metric_seconds.items():
+            row[f"seconds_{name}"] = value
         for name, value in self.identity.items():
             row[f"identity_{name}"] = value
         for name, value in self.tier1_face.items():

@@ -177,7 +177,7 @@ class Evaluator:
                 "two_tier",
                 lambda: self._two_tier(row, case, frames, refs),
                 ("subject_detector", "attribute_detector", "image_text", "image_features", "face_embedders"),
-                run=bool(case.subjects or case.objects),
+                run=bool(case.subjects or case.objects) and self._two_tier_configured,
             )
             applicable = len(case.subjects) >= 2 and any(s.attributes for s in case.subjects)
             self._metric(
@@ -190,9 +190,15 @@ class Evaluator:
         row.seconds = time.perf_counter() - started
         return row
 
+    @property
+    def _two_tier_configured(self) -> bool:
+        c = self.cfg
+        return None not in (c.subject_detector, c.attribute_detector, c.image_text, c.image_features)
+
     def _metric(self, row: VideoMetrics, name: str, fn, models: tuple[str, ...], run: bool = True) -> None:
         if not run:
             return
+        started = time.perf_counter()
         try:
             fn()
         except Exception as e:  # one metric failing on one video must not lose the others or the run
@@ -207,6 +213,8 @@ class Evaluator:
                 )
             )
             return
+        finally:
+            row.metric_seconds[name] = time.perf_counter() - started
         if self._random(models):
             row.random_weight_metrics.append(name)
 
