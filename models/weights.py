@@ -26,7 +26,7 @@ DEFAULTS: dict[str, str] = {
     "arcface": "buffalo_l",
     "glintr100": "antelopev2",
     "owlv2": "google/owlv2-base-patch16-ensemble",
-    "florence2": "microsoft/Florence-2-large",
+    "florence2": "florence-community/Florence-2-large",  # microsoft/Florence-2-large, converted to native
     "dinov2": "facebook/dinov2-base",
     "xclip": "microsoft/xclip-base-patch32",
     "videoclip-xl": "alibaba-pai/VideoCLIP-XL-v2",
