@@ -1,4 +1,10 @@
-"""Constructed binding cases from real photos, where the truth is known: who wears which garment.
+"""Demo inputs for `lumosx-eval`, made from real photos: a tiny benchmark folder and generated videos.
+
+`write_eval_demo` lays out what `build-benchmark` and `lumosx-train infer` write: an identity-consistent case
+(the two-person sample clip, its faces as references) and a subject-consistent binding case with its
+ground-truth clip, plus "generated" videos (the clips themselves, and the binding clip with the garments swapped).
+
+Constructed binding cases, where the truth is known: who wears which garment.
 
 Two real persons (scikit-image's astronaut on the left, the laughing man of insightface's group photo on the
 right) stand on the group photo's wall colour; each wears a garment pasted from a cut-out: a shirt-shaped alpha
@@ -7,7 +13,7 @@ case's references are what `build-benchmark` writes: each face cropped from its 
 frame), and each garment cut-out on white. `swapped=True` puts each person's garment on the other person.
 Nothing is committed: both photos ship inside installed packages.
 
-    python -m flows.binding_samples OUT_DIR      # a case folder and two clips: correct/ and swapped/
+    python -m flows.eval_samples OUT_DIR      # a case folder and two clips: correct/ and swapped/
 """
 
 from __future__ import annotations
@@ -127,25 +133,64 @@ def binding_frames(num_frames: int, swapped: bool = False, colours: tuple[str, s
         yield binding_frame({"woman": first, "man": second}, (round(6 * math.sin(phase)), 0))
 
 
-def write_binding_sample(out_dir: str | Path, num_frames: int = 16, fps: float = 8.0) -> dict[str, Path]:
-    """<out>/cases/<key>/ (official layout) and <out>/correct/<key>.mp4, <out>/swapped/<key>.mp4."""
+IDENTITY_CAPTION = "A woman and a man stand side by side against a warm wall."
+
+
+def _face_crops_png(frame: np.ndarray) -> list[bytes]:
+    """The faces of a frame, left to right, cropped with a margin by dlib's real offline detector."""
+    from models.base import ModelSpec
+    from models.face_detector import FACE_DETECTORS
+
+    h, w = frame.shape[:2]
+    dets = FACE_DETECTORS.get(ModelSpec(backend="dlib", device="cpu"))([frame])[0]
+    crops = []
+    for det in sorted(dets, key=lambda d: d.box.x0):
+        x0, y0, x1, y1 = det.box.expand(0.3, w, h).pixel_bounds(w, h)
+        crops.append(_png(frame[y0:y1, x0:x1]))
+    return crops
+
+
+def write_eval_demo(out_dir: str | Path, *, seconds: float = 1.0, fps: int = 8) -> dict[str, Path]:
+    """<out>/bench/{identity_consistent,subject_consistent,ground_truth}, <out>/gen/{identity,subject},
+    <out>/gen_swapped/subject: cases `two_people` (identity) and `binding_demo` (subject)."""
+    from flows.sample_data import make_sample_videos
     from lumosx_model.inference import write_mp4
+    from tasks.evaluation.inputs import read_video
 
     out = Path(out_dir)
-    key = "binding_demo"
-    case_dir = write_case(binding_case(key), out / "cases" / key, overwrite=True)
-    paths = {"cases": case_dir.parent}
-    for name, swapped in (("correct", False), ("swapped", True)):
-        frames = np.stack(list(binding_frames(num_frames, swapped)))
-        write_mp4(frames, out / name / f"{key}.mp4", fps=fps)
-        paths[name] = out / name
-    return paths
+    bench, gen, swapped = out / "bench", out / "gen", out / "gen_swapped"
+    clip = next(
+        p for p in make_sample_videos(out / "src", seconds=seconds, fps=fps) if p.stem == "two_people"
+    )
+    frames, _ = read_video(clip)
+    faces = _face_crops_png(frames[len(frames) // 2])
+    if len(faces) != 2:
+        raise RuntimeError(f"expected the two faces of the two_people clip, dlib found {len(faces)}")
+    subjects = [CaseSubject(face=CaseImage(label=lab, data=png)) for lab, png in zip(("woman", "man"), faces)]
+    write_case(
+        OfficialCase(case_id="two_people", caption=IDENTITY_CAPTION, subjects=subjects),
+        bench / "identity_consistent" / "two_people",
+        overwrite=True,
+    )
+    (gen / "identity").mkdir(parents=True, exist_ok=True)
+    (gen / "identity" / "two_people.mp4").write_bytes(clip.read_bytes())
+
+    write_case(binding_case(), bench / "subject_consistent" / "binding_demo", overwrite=True)
+    n = max(2, round(seconds * fps))
+    right = np.stack(list(binding_frames(n)))
+    write_mp4(right, bench / "ground_truth" / "binding_demo.mp4", fps=fps)
+    write_mp4(right, gen / "subject" / "binding_demo.mp4", fps=fps)
+    write_mp4(
+        np.stack(list(binding_frames(n, swapped=True))), swapped / "subject" / "binding_demo.mp4", fps=fps
+    )
+    return {"bench": bench, "gen": gen, "gen_swapped": swapped}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
-    print(write_binding_sample(parser.parse_args(argv).out_dir))
+    for name, path in write_eval_demo(parser.parse_args(argv).out_dir).items():
+        print(f"{name}: {path}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from flows.binding_samples import binding_case, binding_frames
+from flows.eval_samples import binding_case, binding_frames
 from models.base import ModelSpec
 from models.face_detector import FACE_DETECTORS
 from models.face_embedder import FACE_EMBEDDERS

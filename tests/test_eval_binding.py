@@ -76,7 +76,7 @@ def models():
 @pytest.fixture(scope="module")
 def case_inputs(models):
     """Reference embeddings and attribute cut-outs read back from a case folder, as the evaluation reads them."""
-    from flows.binding_samples import binding_case
+    from flows.eval_samples import binding_case
     from tasks.evaluation.identity import reference_embeddings
     from tasks.evaluation.inputs import load_rgb, load_rgba
 
@@ -95,7 +95,7 @@ def case_inputs(models):
 
 
 def _bind(models, matcher, swapped: bool, case_inputs):
-    from flows.binding_samples import binding_frames
+    from flows.eval_samples import binding_frames
     from tasks.evaluation.identity import embed_faces
 
     refs, attributes = case_inputs
@@ -109,7 +109,7 @@ def _bind(models, matcher, swapped: bool, case_inputs):
 
 
 def test_colour_matcher_tells_right_from_swapped(models, case_inputs):
-    from flows.binding_samples import face_boxes
+    from flows.eval_samples import face_boxes
 
     persons, right = _bind(models, models["colour"], False, case_inputs)
     # the faces were matched to the right subjects (subject 0 = the woman on the left)

@@ -8,7 +8,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,54 +16,18 @@ pytest.importorskip("dlib")
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> dict[str, Path]:
-    from flows.binding_samples import binding_case, binding_frames
-    from flows.sample_data import make_sample_videos
-    from lumosx_model.inference import write_mp4
-    from models.base import ModelSpec
-    from models.face_detector import FACE_DETECTORS
-    from schemas.official_case import CaseImage, CaseSubject, OfficialCase, write_case
-    from tasks.evaluation.inputs import read_video
+    """The demo folder, plus an identity case with no video and one whose video is not a video."""
+    import shutil
+
+    from flows.eval_samples import write_eval_demo
 
     root = tmp_path_factory.mktemp("eval")
-    bench, gen, swapped = root / "bench", root / "gen", root / "gen_swapped"
-    clip = next(p for p in make_sample_videos(root / "src", seconds=1.0, fps=8) if p.stem == "two_people")
-    frames, _ = read_video(clip)
-    mid = frames[len(frames) // 2]
-    h, w = mid.shape[:2]
-    dets = sorted(
-        FACE_DETECTORS.get(ModelSpec(backend="dlib", device="cpu"))([mid])[0], key=lambda d: d.box.x0
-    )
-    assert len(dets) == 2
-    import io
-
-    from PIL import Image
-
-    def png(box) -> bytes:
-        x0, y0, x1, y1 = box.expand(0.3, w, h).pixel_bounds(w, h)
-        buf = io.BytesIO()
-        Image.fromarray(mid[y0:y1, x0:x1]).save(buf, format="PNG")
-        return buf.getvalue()
-
-    subjects = [
-        CaseSubject(face=CaseImage(label=lab, data=png(d.box))) for lab, d in zip(("woman", "man"), dets)
-    ]
-    caption = "A woman and a man stand side by side against a warm wall."
-    for key in ("two_people", "no_video", "broken"):
-        write_case(
-            OfficialCase(case_id=key, caption=caption, subjects=subjects), bench / "identity_consistent" / key
-        )
-    (gen / "identity").mkdir(parents=True)
-    (gen / "identity" / "two_people.mp4").write_bytes(clip.read_bytes())
-    (gen / "identity" / "broken.mp4").write_bytes(b"not an mp4 at all")
-
-    write_case(binding_case(), bench / "subject_consistent" / "binding_demo")
-    right = np.stack(list(binding_frames(12)))
-    write_mp4(right, bench / "ground_truth" / "binding_demo.mp4", fps=8)
-    write_mp4(right, gen / "subject" / "binding_demo.mp4", fps=8)
-    write_mp4(
-        np.stack(list(binding_frames(12, swapped=True))), swapped / "subject" / "binding_demo.mp4", fps=8
-    )
-    return {"bench": bench, "gen": gen, "swapped": swapped, "root": root}
+    paths = write_eval_demo(root, seconds=1.0, fps=8)
+    cases = paths["bench"] / "identity_consistent"
+    for key in ("no_video", "broken"):
+        shutil.copytree(cases / "two_people", cases / key)
+    (paths["gen"] / "identity" / "broken.mp4").write_bytes(b"not an mp4 at all")
+    return {"bench": paths["bench"], "gen": paths["gen"], "swapped": paths["gen_swapped"], "root": root}
 
 
 def _cli(*args: str) -> int:
