@@ -10,6 +10,10 @@ import numpy as np
 
 
 def viclip_t(model, video: np.ndarray, caption: str) -> float:
+    """The model's own video-text score when it has one (X-CLIP conditions the text on the video, the way it was
+    trained to score a caption), else the cosine of the two embeddings."""
+    if hasattr(model, "similarity"):
+        return float(np.asarray(model.similarity([video], [caption]))[0, 0])
     v = np.asarray(model.embed_videos([video]), np.float32)
     t = np.asarray(model.embed_texts([caption]), np.float32)
     return float((v @ t.T)[0, 0])
