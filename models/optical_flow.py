@@ -72,6 +72,11 @@ class RaftFlow:
         builder, weights_enum = getattr(tv_flow, builder_name), getattr(tv_flow, enum_name)
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
+        if dtype != torch.float32:
+            # torchvision's RAFT builds its coordinate grids in float32 and cannot run on half-precision weights
+            # (grid_sample dtype mismatch); the model is small, and flow magnitudes feed a threshold: keep float32.
+            logger.info("%s runs in float32 (requested %s)", spec.backend, spec.dtype)
+            dtype = torch.float32
         default_id = f"torchvision/{builder_name}.{weights_enum.DEFAULT.name}"
         if spec.random_init:
             with torch.random.fork_rng(devices=[]):
