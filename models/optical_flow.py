@@ -3,9 +3,10 @@
 Backends (registered in `OPTICAL_FLOW`): ``raft-large`` and ``raft-small``, torchvision's RAFT
 (`torchvision.models.optical_flow`). ``spec.weights``:
 
-- None: torchvision's default weights enum (``C_T_SKHT_V2`` for raft-large, ``C_T_V2`` for raft-small), which
-  torchvision downloads into its cache on first use (``TORCH_HOME``);
-- a weights-enum member name, e.g. ``C_T_V2`` (the Chairs + Things model, no Sintel/KITTI fine-tuning);
+- None: the backend's default in `models.weights.DEFAULTS`: ``C_T_V1`` for raft-large, the original RAFT
+  "raft-things" checkpoint (FlyingChairs + FlyingThings, ported by torchvision) that VBench's dynamic degree
+  uses; ``C_T_V2`` for raft-small. torchvision downloads them into its cache on first use (``TORCH_HOME``);
+- a weights-enum member name, e.g. ``C_T_SKHT_V2`` (torchvision's default, fine-tuned on Sintel/KITTI/HD1K);
 - a local ``.pth`` state dict, loaded with ``torch.load(weights_only=True)`` (no pickled code runs).
 
 ``random_init`` builds the same architecture with random weights: the real code path (padding, normalisation,
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device, resolve_dtype
+from models.weights import DEFAULTS
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class RaftFlow:
             # (grid_sample dtype mismatch); the model is small, and flow magnitudes feed a threshold: keep float32.
             logger.info("%s runs in float32 (requested %s)", spec.backend, spec.dtype)
             dtype = torch.float32
-        default_id = f"torchvision/{builder_name}.{weights_enum.DEFAULT.name}"
+        default_id = f"torchvision/{builder_name}.{DEFAULTS[spec.backend]}"
         if spec.random_init:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
@@ -96,7 +98,7 @@ class RaftFlow:
                 ) from e
             default_id = str(path)
         else:
-            name = spec.weights or weights_enum.DEFAULT.name
+            name = spec.weights or DEFAULTS[spec.backend]
             try:
                 weights = weights_enum[name]
             except KeyError:

@@ -30,6 +30,10 @@ DEFAULTS: dict[str, str] = {
     "dinov2": "facebook/dinov2-base",
     "xclip": "microsoft/xclip-base-patch32",
     "videoclip-xl": "alibaba-pai/VideoCLIP-XL-v2",
+    # torchvision weight-enum names: C_T_V1 is the original RAFT "raft-things" checkpoint VBench's dynamic degree
+    # uses (ported by torchvision).
+    "raft-large": "C_T_V1",
+    "raft-small": "C_T_V2",
 }
 """The weights a backend loads when its spec names none (the adapters take theirs from here)."""
 

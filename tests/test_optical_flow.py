@@ -77,7 +77,7 @@ def test_local_state_dict_loads_with_weights_only(tmp_path, raft):
         OPTICAL_FLOW.build(ModelSpec(backend="raft-small", weights=str(pickled)))
     with pytest.raises(ModelLoadError, match="not found"):
         OPTICAL_FLOW.build(ModelSpec(backend="raft-large", weights=str(tmp_path / "missing.pth")))
-    with pytest.raises(ModelLoadError, match="C_T_SKHT_V2"):
+    with pytest.raises(ModelLoadError, match="C_T_V1, C_T_V2, C_T_SKHT_V1"):
         OPTICAL_FLOW.build(ModelSpec(backend="raft-large", weights="sintel"))
     with pytest.raises(ModelLoadError, match="unknown options"):
         OPTICAL_FLOW.build(ModelSpec(backend="raft-large", random_init=True, options={"iters": 3}))
