@@ -36,6 +36,7 @@ import numpy as np
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device
 from models.face_detector import Landmarks, _dlib_five_points, _face_recognition_models_dir, _onnx_providers
+from models.image_features import l2_normalise
 from models.person_detector import check_images
 from models.weights import DEFAULTS
 from schemas.records import Box
@@ -96,9 +97,7 @@ class FaceEmbedder:
                 where.append((i, j))
         out = [np.zeros((len(b), self.dim), np.float32) for b in boxes]
         for start in range(0, len(chips), self.batch_size):
-            feats = np.asarray(self._embed_chips(chips[start : start + self.batch_size]), np.float32)
-            norms = np.linalg.norm(feats, axis=1, keepdims=True)
-            feats = feats / np.maximum(norms, 1e-12)
+            feats = l2_normalise(self._embed_chips(chips[start : start + self.batch_size]))
             for (i, j), feat in zip(where[start : start + self.batch_size], feats):
                 out[i][j] = feat
         return out
