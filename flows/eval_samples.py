@@ -153,8 +153,7 @@ def _face_crops_png(frame: np.ndarray) -> list[bytes]:
 def write_eval_demo(out_dir: str | Path, *, seconds: float = 1.0, fps: int = 8) -> dict[str, Path]:
     """<out>/bench/{identity_consistent,subject_consistent,ground_truth}, <out>/gen/{identity,subject},
     <out>/gen_swapped/subject: cases `two_people` (identity) and `binding_demo` (subject)."""
-    from flows.sample_data import make_sample_videos
-    from lumosx_model.inference import write_mp4
+    from flows.sample_data import make_sample_videos, write_video
     from tasks.evaluation.inputs import read_video
 
     out = Path(out_dir)
@@ -176,13 +175,14 @@ def write_eval_demo(out_dir: str | Path, *, seconds: float = 1.0, fps: int = 8) 
     (gen / "identity" / "two_people.mp4").write_bytes(clip.read_bytes())
 
     write_case(binding_case(), bench / "subject_consistent" / "binding_demo", overwrite=True)
+    # H.264 mp4 like `lumosx-train infer` writes (its writer imports the whole model stack: seconds of imports)
     n = max(2, round(seconds * fps))
-    right = np.stack(list(binding_frames(n)))
-    write_mp4(right, bench / "ground_truth" / "binding_demo.mp4", fps=fps)
-    write_mp4(right, gen / "subject" / "binding_demo.mp4", fps=fps)
-    write_mp4(
-        np.stack(list(binding_frames(n, swapped=True))), swapped / "subject" / "binding_demo.mp4", fps=fps
-    )
+    right = list(binding_frames(n))
+    for folder in (bench / "ground_truth", gen / "subject"):
+        folder.mkdir(parents=True, exist_ok=True)
+        write_video(folder / "binding_demo.mp4", right, fps)
+    (swapped / "subject").mkdir(parents=True, exist_ok=True)
+    write_video(swapped / "subject" / "binding_demo.mp4", binding_frames(n, swapped=True), fps)
     return {"bench": bench, "gen": gen, "gen_swapped": swapped}
 
 

@@ -117,7 +117,9 @@ _OFFLINE: dict[str, Any] = {
     # Unrelated faces score 0.83-0.92 in raw cosine, the same face 0.99: without this floor every face "matches".
     "face_cosine_floor": {"DlibSim": 0.92},
     "video_text": _tiny("xclip"),
-    "optical_flow": _tiny("raft-small", num_flow_updates=4),  # random weights: 4 refinements show the cost shape
+    "optical_flow": _tiny(
+        "raft-small", num_flow_updates=4
+    ),  # random weights: 4 refinements show the cost shape
     # Florence-2's tiny build generates random text (no boxes to parse): OWLv2 does tier 1 here too. Random OWLv2
     # scores stay under the paper's 0.1, so the threshold is 0: the best box is taken and the crop -> CLIP/DINO
     # code path runs. These numbers are flagged as random and are not data.
@@ -140,6 +142,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "binding_frames": 1,
         "max_side": 640,
         "dynamic_max_side": 128,
+        "optical_flow": _tiny("raft-small", num_flow_updates=1),
     },
 }
 

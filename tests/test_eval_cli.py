@@ -1,4 +1,4 @@
-"""`lumosx-eval` and the `evaluate` flow end to end on a tiny benchmark folder laid out as `build-benchmark` and
+"""`lumosx-eval` end to end on a tiny benchmark folder laid out as `build-benchmark` and
 `lumosx-train infer` write it: real dlib faces, the real colour matcher and OpenCV HOG for the binding score,
 tiny random builds for X-CLIP, RAFT, OWLv2, CLIP and DINOv2 (their numbers are flagged as not data)."""
 
@@ -94,28 +94,3 @@ def test_cli_subject_task_binding_tells_right_from_swapped(bench):
     assert {"two_tier", "viclip_t", "viclip_v", "dynamic"} <= set(right["random_weight_metrics"])
     for metric in ("viclip_t", "viclip_v", "clip_t", "clip_i", "dino_i"):
         assert math.isfinite(right[metric]), metric
-
-
-@pytest.mark.slow
-def test_prefect_flow_publishes_the_summary(bench, prefect_harness):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    from flows.evaluate import artifact_key, evaluate
-
-    out = bench["root"] / "out_flow"
-    summary = evaluate(
-        videos=str(bench["gen"] / "subject"),
-        cases=str(bench["bench"] / "subject_consistent"),
-        out=str(out),
-        profile="test",
-        overrides={"batch_size": 1},
-    )
-    (task,) = summary["tasks"]
-    assert task["task"] == "subject" and task["metrics"]["binding_accuracy"] == 1.0
-    assert _rows(out)["binding_demo"]["binding_accuracy"] == 1.0
-    with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(str(out))]))
-        )
-    assert arts and "Subject-consistent" in arts[0].data and "Binding acc." in arts[0].data
