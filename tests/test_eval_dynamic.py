@@ -49,7 +49,9 @@ def test_a_quarter_of_the_frames_must_move():
 
 
 def test_frames_are_sampled_at_about_eight_fps():
-    assert sample_stride(24) == 3 and sample_stride(30) == 4 and sample_stride(16) == 2 and sample_stride(8) == 1
+    assert (
+        sample_stride(24) == 3 and sample_stride(30) == 4 and sample_stride(16) == 2 and sample_stride(8) == 1
+    )
     frames = np.zeros((48, 4, 4, 3), np.uint8)
     assert len(flow_frames(frames, fps=24)) == 16
 
