@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from models.base import ModelLoadError
 from schemas.evaluation import EvalConfig, EvalSummary, VideoMetrics
 from tasks.evaluation.inputs import EvalItem, pair_inputs
 from tasks.evaluation.report import summarise, summary_markdown, write_outputs
@@ -44,6 +45,16 @@ def evaluator_for(cfg: EvalConfig) -> Evaluator:
     return _EVALUATORS[key]
 
 
+def check_weights(cfg: EvalConfig, tasks: set[str]) -> None:
+    """Refuse, in one line naming every missing model, a run whose weights are not here and cannot be fetched
+    (before minutes of loading, not after)."""
+    from models.weights import missing
+
+    problems = [f"{role}: {why}" for role, spec in cfg.specs_for(tasks).items() if (why := missing(spec))]
+    if problems:
+        raise ModelLoadError("models not available: " + "; ".join(problems))
+
+
 def plan(
     videos: str, cases: str, ground_truth: str | None, profile: str, overrides: dict[str, Any] | None
 ) -> tuple[EvalConfig, list[EvalItem], list[str]]:
@@ -51,6 +62,7 @@ def plan(
     items = pair_inputs(videos, cases, ground_truth)
     if not items:
         raise FileNotFoundError(f"no case folders (with caption.txt) under {cases}")
+    check_weights(cfg, {i.task for i in items})
     missing = [i.key for i in items if i.video is None]
     return cfg, items, missing
 

@@ -85,6 +85,22 @@ class EvalConfig(Section):
     dynamic_max_side: int = Field(512, ge=64, description="flow is computed on frames at most this large")
     batch_size: int = Field(8, ge=1, description="videos per Prefect task")
 
+    def specs_for(self, tasks: set[str]) -> dict[str, ModelSpec]:
+        """Every model the given tasks need, by role (face recognisers as `face_recognizer:<name>`)."""
+        roles = ["face_detector", "video_text", "optical_flow"]
+        if "subject" in tasks:
+            roles += [
+                "subject_detector",
+                "attribute_detector",
+                "image_text",
+                "image_features",
+                "person_detector",
+                "binding_matcher",
+            ]
+        specs = {r: getattr(self, r) for r in roles if getattr(self, r) is not None}
+        specs.update({f"face_recognizer:{n}": spec for n, spec in self.face_recognizers.items()})
+        return specs
+
     @classmethod
     def from_profile(cls, name: str, overrides: dict[str, Any] | None = None) -> EvalConfig:
         if name not in PROFILES:

@@ -94,3 +94,36 @@ def test_cli_subject_task_binding_tells_right_from_swapped(bench):
     assert {"two_tier", "viclip_t", "viclip_v", "dynamic"} <= set(right["random_weight_metrics"])
     for metric in ("viclip_t", "viclip_v", "clip_t", "clip_i", "dino_i"):
         assert math.isfinite(right[metric]), metric
+
+
+def test_missing_weights_are_refused_up_front_in_one_line(bench, capsys):
+    from flows.eval_cli import main
+
+    out = bench["root"] / "out_paper"
+    rc = main(
+        [
+            "--videos",
+            str(bench["gen"] / "subject"),
+            "--cases",
+            str(bench["bench"] / "subject_consistent"),
+            "--out",
+            str(out),
+            "--profile",
+            "paper",
+            "--no-prefect",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert (
+        rc == 2 and "models not available" in err and "florence2" in err and "face_recognizer:CurSim" in err
+    )
+    assert not out.exists()  # nothing was loaded or written
+
+
+def test_overrides_change_one_field_of_a_model_spec():
+    from schemas.evaluation import EvalConfig
+
+    cfg = EvalConfig.from_profile("paper", {"video_text": {"device": "cuda:1"}, "binding_frames": 5})
+    assert cfg.video_text.backend == "xclip" and cfg.video_text.device == "cuda:1" and cfg.binding_frames == 5
+    with pytest.raises(ValueError, match="unknown evaluation profile"):
+        EvalConfig.from_profile("nope")

@@ -92,24 +92,14 @@ class Evaluator:
         return self._get("models.image_text", "IMAGE_TEXT", self.cfg.binding_matcher)
 
     def load(self, tasks: set[str]) -> dict[str, Any]:
-        """Build every model the given tasks need now (fail fast); returns name -> ModelInfo dump."""
-        names = ["face_detector", "video_text", "optical_flow"]
-        if "subject" in tasks:
-            names += [
-                "subject_detector",
-                "attribute_detector",
-                "image_text",
-                "image_features",
-                "person_detector",
-                "binding_matcher",
-            ]
+        """Build every model the given tasks need now (fail fast); returns role -> ModelInfo dump."""
         infos: dict[str, Any] = {}
-        for name in names:
-            model = getattr(self, name)
-            if model is not None:
-                infos[name] = model.info.model_dump()
-        for name, emb in self.face_embedders.items():
-            infos[f"face_recognizer:{name}"] = emb.info.model_dump()
+        for role in self.cfg.specs_for(tasks):
+            if role.startswith("face_recognizer:"):
+                model = self.face_embedders[role.split(":", 1)[1]]
+            else:
+                model = getattr(self, role)
+            infos[role] = model.info.model_dump()
         return infos
 
     def _random(self, names: tuple[str, ...]) -> bool:
