@@ -20,6 +20,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from models.base import ModelLoadError
 from schemas.evaluation import EvalConfig, EvalSummary, VideoMetrics
@@ -115,7 +116,10 @@ def evaluate_batch_task(cfg: EvalConfig, items: list[EvalItem], number: int) -> 
     return evaluate_batch(cfg, items)
 
 
-@flow(name="evaluate", validate_parameters=True)
+# One worker thread: the batches share this process's single copy of each model (the GPU is the bottleneck, and
+# dlib/ONNX/torch models are not all safe to call from several threads). Scale out with flow runs over disjoint
+# case folders.
+@flow(name="evaluate", validate_parameters=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def evaluate(
     videos: str,
     cases: str,

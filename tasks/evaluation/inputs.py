@@ -52,6 +52,9 @@ def pair_inputs(
     from schemas.official_case import read_case
 
     cases_root, videos_root = Path(cases_dir), Path(videos_dir)
+    for name, folder in (("cases", cases_root), ("videos", videos_root)):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{name} folder {folder} does not exist")
     gt_root = Path(ground_truth_dir) if ground_truth_dir else cases_root.parent / GROUND_TRUTH_DIR
     items = []
     for case_dir in sorted(p for p in cases_root.iterdir() if p.is_dir() and (p / CAPTION_FILE).is_file()):

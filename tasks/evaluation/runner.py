@@ -209,7 +209,7 @@ class Evaluator:
             row.random_weight_metrics.append(name)
 
     def _reference_faces(self, case: OfficialCase, row: VideoMetrics) -> dict[str, np.ndarray]:
-        if not case.subjects:
+        if not case.subjects or not self.face_embedders:
             return {}
         faces = [load_rgb(None, s.face.read_bytes()) for s in case.subjects]
         out = {}
@@ -296,6 +296,8 @@ class Evaluator:
         row.failures.extend(result.failures)
 
     def _binding(self, row: VideoMetrics, case: OfficialCase, frames: np.ndarray, refs) -> None:
+        if not self.face_embedders:
+            raise ValueError("the binding score needs a face recogniser (face_recognizers is empty)")
         name, embedder = next(iter(self.face_embedders.items()))  # the first recogniser decides who is who
         picked = uniform_indices(len(frames), self.cfg.binding_frames)
         images = [frames[i] for i in picked]
