@@ -116,7 +116,8 @@ def main(argv: list[str]) -> Path:
         sheet.paste(p, (x, 0))
         x += p.width + 10
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.quantize(colors=192, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)  # a small file for the repo
+    # a palette image keeps the file small for the repo
+    sheet.quantize(colors=192, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
     return out
 
 
