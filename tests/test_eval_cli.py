@@ -24,9 +24,12 @@ def bench(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
     paths = write_eval_demo(root, seconds=1.0, fps=8)
     cases = paths["bench"] / "identity_consistent"
-    for key in ("no_video", "broken"):
+    for key in ("no_video", "broken", "bad_reference"):
         shutil.copytree(cases / "two_people", cases / key)
     (paths["gen"] / "identity" / "broken.mp4").write_bytes(b"not an mp4 at all")
+    # a case whose reference face is not an image: that case fails with its reason, the others are scored
+    next((cases / "bad_reference" / "subjects" / "1").glob("face_*.png")).write_bytes(b"\x89PNG garbage")
+    shutil.copy(paths["gen"] / "identity" / "two_people.mp4", paths["gen"] / "identity" / "bad_reference.mp4")
     return {"bench": paths["bench"], "gen": paths["gen"], "swapped": paths["gen_swapped"], "root": root}
 
 
@@ -53,7 +56,8 @@ def test_cli_identity_task_scores_and_explains(bench, capsys):
     assert rc == 1  # one case has no video, one video is broken: reported, not fatal
     assert "Identity-consistent" in capsys.readouterr().out
     rows = _rows(out)
-    assert set(rows) == {"two_people", "broken"}
+    assert set(rows) == {"two_people", "broken", "bad_reference"}
+    assert rows["bad_reference"]["failure_reasons"] == ["unreadable_case"]
     good = rows["two_people"]
     assert good["task"] == "identity" and good["identity_DlibSim"] > 0.8 and good["num_frames"] == 8
     assert math.isfinite(good["viclip_t"]) and good["dynamic"] in (0.0, 1.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -31,6 +32,27 @@ from tasks.evaluation.two_tier import Entity, two_tier
 from tasks.evaluation.video_text import viclip_t, viclip_v
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CaseImages:
+    """A case's reference images, decoded once: faces as RGB, attribute and object cut-outs as RGBA."""
+
+    faces: list[np.ndarray]
+    attributes: list[tuple[int, str, np.ndarray]]
+    objects: list[tuple[str, np.ndarray]]
+
+    @classmethod
+    def load(cls, case: OfficialCase) -> CaseImages:
+        return cls(
+            faces=[load_rgb(None, s.face.read_bytes()) for s in case.subjects],
+            attributes=[
+                (k, a.label, load_rgba(None, a.read_bytes()))
+                for k, s in enumerate(case.subjects)
+                for a in s.attributes
+            ],
+            objects=[(o.label, load_rgba(None, o.read_bytes())) for o in case.objects],
+        )
 
 
 class Evaluator:
@@ -121,6 +143,15 @@ class Evaluator:
             )
             return row
         row.case_id, row.num_subjects = case.case_id, len(case.subjects)
+        try:
+            images = CaseImages.load(case)
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            row.failures.append(
+                CaseFailure(
+                    key=item.key, task=item.task, reason="unreadable_case", detail=f"reference image: {e}"
+                )
+            )
+            return row
         if item.video is None:
             row.failures.append(CaseFailure(key=item.key, task=item.task, reason="no_video"))
             return row
@@ -132,7 +163,7 @@ class Evaluator:
             )
             return row
         row.num_frames = len(frames)
-        refs = self._reference_faces(case, row)
+        refs = self._reference_faces(case, images, row)
         self._metric(
             row,
             "identity",
@@ -165,7 +196,7 @@ class Evaluator:
             self._metric(
                 row,
                 "two_tier",
-                lambda: self._two_tier(row, case, frames, refs),
+                lambda: self._two_tier(row, case, images, frames, refs),
                 ("subject_detector", "attribute_detector", "image_text", "image_features", "face_embedders"),
                 run=bool(case.subjects or case.objects) and self._two_tier_configured,
             )
@@ -173,7 +204,7 @@ class Evaluator:
             self._metric(
                 row,
                 "binding",
-                lambda: self._binding(row, case, frames, refs),
+                lambda: self._binding(row, case, images, frames, refs),
                 ("binding_matcher", "person_detector", "face_embedders"),
                 run=applicable and self.cfg.binding_matcher is not None,
             )
@@ -208,10 +239,12 @@ class Evaluator:
         if self._random(models):
             row.random_weight_metrics.append(name)
 
-    def _reference_faces(self, case: OfficialCase, row: VideoMetrics) -> dict[str, np.ndarray]:
+    def _reference_faces(
+        self, case: OfficialCase, images: CaseImages, row: VideoMetrics
+    ) -> dict[str, np.ndarray]:
         if not case.subjects or not self.face_embedders:
             return {}
-        faces = [load_rgb(None, s.face.read_bytes()) for s in case.subjects]
+        faces = images.faces
         out = {}
         for name, emb in self.face_embedders.items():
             out[name], detected = reference_embeddings(self.face_detector, emb, faces)
@@ -266,15 +299,13 @@ class Evaluator:
         gt, _ = read_video(item.ground_truth, self.cfg.max_side)
         row.viclip_v = viclip_v(self.video_text, frames, gt)
 
-    def _two_tier(self, row: VideoMetrics, case: OfficialCase, frames: np.ndarray, refs) -> None:
+    def _two_tier(
+        self, row: VideoMetrics, case: OfficialCase, images: CaseImages, frames: np.ndarray, refs
+    ) -> None:
         middle = frames[len(frames) // 2]
         subjects = [(s.face.label, [a.label for a in s.attributes]) for s in case.subjects]
-        entities = [
-            Entity(k, a.label, load_rgba(None, a.read_bytes()))
-            for k, s in enumerate(case.subjects)
-            for a in s.attributes
-        ]
-        entities += [Entity(None, o.label, load_rgba(None, o.read_bytes())) for o in case.objects]
+        entities = [Entity(k, label, ref) for k, label, ref in images.attributes]
+        entities += [Entity(None, label, ref) for label, ref in images.objects]
         result = two_tier(
             middle,
             row.key,
@@ -295,22 +326,20 @@ class Evaluator:
         row.clip_t, row.clip_i, row.dino_i = result.clip_t, result.clip_i, result.dino_i
         row.failures.extend(result.failures)
 
-    def _binding(self, row: VideoMetrics, case: OfficialCase, frames: np.ndarray, refs) -> None:
+    def _binding(
+        self, row: VideoMetrics, case: OfficialCase, images: CaseImages, frames: np.ndarray, refs
+    ) -> None:
         if not self.face_embedders:
             raise ValueError("the binding score needs a face recogniser (face_recognizers is empty)")
         name, embedder = next(iter(self.face_embedders.items()))  # the first recogniser decides who is who
         picked = uniform_indices(len(frames), self.cfg.binding_frames)
-        images = [frames[i] for i in picked]
-        dets = detect_faces(self.face_detector, images)
-        embs = embed_faces(embedder, images, dets)
-        persons = self.person_detector(images) if self.person_detector is not None else [[] for _ in images]
-        attributes = [
-            (k, a.label, load_rgba(None, a.read_bytes()))
-            for k, s in enumerate(case.subjects)
-            for a in s.attributes
-        ]
+        attributes = images.attributes
+        shown = [frames[i] for i in picked]
+        dets = detect_faces(self.face_detector, shown)
+        embs = embed_faces(embedder, shown, dets)
+        persons = self.person_detector(shown) if self.person_detector is not None else [[] for _ in shown]
         decisions = []
-        for idx, image, ds, e, ps in zip(picked, images, dets, embs, persons):
+        for idx, image, ds, e, ps in zip(picked, shown, dets, embs, persons):
             _, made = binding_metric.bind_frame(
                 image,
                 idx,
