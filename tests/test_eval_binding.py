@@ -60,10 +60,13 @@ def models():
     from models.base import ModelSpec
     from models.face_detector import FACE_DETECTORS
     from models.face_embedder import FACE_EMBEDDERS
-    from models.image_text import IMAGE_TEXT
     from models.person_detector import PERSON_DETECTORS
 
     pytest.importorskip("dlib")
+    # models/image_text.py (CLIP, SigLIP, colour matcher) comes from issue 12's branch
+    pytest.importorskip("models.image_text")
+    from models.image_text import IMAGE_TEXT
+
     return {
         "det": FACE_DETECTORS.get(ModelSpec(backend="dlib", device="cpu")),
         "emb": FACE_EMBEDDERS.get(ModelSpec(backend="dlib", device="cpu")),

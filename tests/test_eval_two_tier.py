@@ -11,6 +11,7 @@ import pytest
 from tasks.evaluation.two_tier import Entity, subject_query, two_tier
 
 pytest.importorskip("dlib")
+pytest.importorskip("models.image_text")  # CLIP / colour matcher: issue 12's branch
 
 
 def test_subject_query_is_the_papers_text():
