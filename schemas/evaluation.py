@@ -231,6 +231,11 @@ class TaskSummary(Section):
     task: Task
     videos: int
     metrics: dict[str, float]
+    counts: dict[str, int] = Field(default_factory=dict, description="metric -> videos with a value for it")
+    by_subjects: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="number of subjects in the case (1, 2, 3 in the paper's mix) -> means",
+    )
     failures: dict[str, int] = Field(default_factory=dict, description="reason -> number of videos it hit")
     random_weight_metrics: list[str] = Field(default_factory=list)
 

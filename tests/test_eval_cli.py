@@ -132,3 +132,36 @@ def test_overrides_change_one_field_of_a_model_spec():
     assert cfg.video_text.backend == "xclip" and cfg.video_text.device == "cuda:1" and cfg.binding_frames == 5
     with pytest.raises(ValueError, match="unknown evaluation profile"):
         EvalConfig.from_profile("nope")
+
+
+def test_summary_means_skip_missing_values_and_split_by_subject_count(tmp_path):
+    from schemas.evaluation import BindingDecision, VideoMetrics
+    from tasks.evaluation.report import summarise, write_outputs
+
+    def decision(outcome: str) -> BindingDecision:
+        return BindingDecision(subject=0, attribute="red hat", frame=0, outcome=outcome)
+
+    rows = [
+        VideoMetrics(key="a", case_id="a", task="subject", video="a.mp4", num_subjects=1, clip_t=0.3),
+        VideoMetrics(key="b", case_id="b", task="subject", video="b.mp4", num_subjects=2, clip_t=0.2,
+                     binding_accuracy=1.0, swap_rate=0.0, binding=[decision("correct")]),
+        VideoMetrics(key="c", case_id="c", task="subject", video="c.mp4", num_subjects=2, clip_t=0.1,
+                     binding_accuracy=0.0, swap_rate=1 / 3,
+                     binding=[decision("swapped"), decision("elsewhere"), decision("person_not_found")]),
+    ]  # fmt: skip
+    summary = summarise(rows, "M", "test", {})
+    (t,) = summary.tasks
+    assert t.metrics["clip_t"] == pytest.approx(0.2) and t.counts["clip_t"] == 3
+    # per video: mean of 1.0 and 0.0; pooled: 1 correct of 4 decisions
+    assert t.metrics["binding_accuracy"] == pytest.approx(0.5) and t.counts["binding_accuracy"] == 2
+    assert t.metrics["binding_accuracy_pooled"] == pytest.approx(0.25)
+    assert t.metrics["swap_rate_pooled"] == pytest.approx(0.25)
+    assert t.by_subjects["1"]["clip_t"] == pytest.approx(0.3) and math.isnan(
+        t.by_subjects["1"]["binding_accuracy"]
+    )
+    assert t.by_subjects["2"]["clip_t"] == pytest.approx(0.15)
+    paths = write_outputs(tmp_path, rows, summary)
+    on_disk = json.loads(paths["summary.json"].read_text())  # NaN is written as null: valid JSON
+    assert on_disk["tasks"][0]["by_subjects"]["1"]["binding_accuracy"] is None
+    assert len(pq.read_table(paths["binding.parquet"])) == 4
+    assert pq.read_table(paths["failures.parquet"]).num_rows == 0

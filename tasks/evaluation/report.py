@@ -40,6 +40,10 @@ def _mean(values: Sequence[float]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 def task_columns(rows: Sequence[VideoMetrics], task: str) -> list[str]:
     names = sorted({n for r in rows for n in r.identity}) if task == "identity" else []
     tier1 = sorted({n for r in rows for n in r.tier1_face})
@@ -71,7 +75,13 @@ def summarise(
         if not mine:
             continue
         flat = [r.flat() for r in mine]
-        metrics = {c: _mean([f.get(c, math.nan) for f in flat]) for c in task_columns(mine, task)}
+        columns = task_columns(mine, task)
+        metrics = {c: _mean([f.get(c, math.nan) for f in flat]) for c in columns}
+        counts = {c: sum(_present(f.get(c)) for f in flat) for c in columns}
+        by_subjects = {
+            str(n): {c: _mean([f.get(c, math.nan) for f in flat if f["num_subjects"] == n]) for c in columns}
+            for n in sorted({f["num_subjects"] for f in flat})
+        }
         if task == "subject":  # pooled over every attribute decision, not per video
             decisions = [d for r in mine for d in r.binding]
             if decisions:
@@ -86,6 +96,8 @@ def summarise(
                 task=task,
                 videos=len(mine),
                 metrics=metrics,
+                counts=counts,
+                by_subjects=by_subjects,
                 failures=dict(failures),
                 random_weight_metrics=random,
             )
@@ -115,6 +127,13 @@ def summary_markdown(summary: EvalSummary) -> str:
         out.append("| Method | " + " | ".join(_label(c) for c in cols) + " |")
         out.append("|---" * (len(cols) + 1) + "|")
         out.append(f"| {summary.method} | " + " | ".join(_fmt(t.metrics[c]) for c in cols) + " |")
+        if len(t.by_subjects) > 1:  # the paper's mix has 1-, 2- and 3-person cases: where does a method drop?
+            for n, means in t.by_subjects.items():
+                out.append(f"| {n} subject(s) | " + " | ".join(_fmt(means[c]) for c in cols) + " |")
+        out += [
+            "",
+            "Videos with a value: " + ", ".join(f"{_label(c)} {t.counts.get(c, 0)}" for c in cols) + ".",
+        ]
         if "binding_accuracy_pooled" in t.metrics:
             out += [
                 "",
