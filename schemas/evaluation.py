@@ -24,6 +24,7 @@ FailureReason = Literal[
     "no_ground_truth",
     "reference_face_not_detected",
     "no_face_found",
+    "face_missed",
     "subject_not_detected",
     "face_not_in_subject_crop",
     "attribute_not_detected",
@@ -82,7 +83,11 @@ class EvalConfig(Section):
     )
     max_side: int = Field(1280, ge=64, description="frames are scaled so their longer side is at most this")
     dynamic_fps: float = Field(8.0, gt=0, description="frame rate the dynamic degree samples at (VBench: 8)")
-    dynamic_max_side: int = Field(512, ge=64, description="flow is computed on frames at most this large")
+    dynamic_max_side: int = Field(
+        1280,
+        ge=64,
+        description="flow is computed on frames at most this large (VBench: full size; 832 x 480 fits)",
+    )
     batch_size: int = Field(8, ge=1, description="videos per Prefect task")
 
     def specs_for(self, tasks: set[str]) -> dict[str, ModelSpec]:
@@ -147,6 +152,7 @@ _OFFLINE: dict[str, Any] = {
     "person_detector": ModelSpec(backend="opencv-hog", device="cpu"),
     "binding_matcher": ModelSpec(backend="colour", device="cpu"),
     "max_side": 832,
+    "dynamic_max_side": 512,  # RAFT on a CPU: the rule is scale-free (threshold and flow both scale with size)
 }
 
 PROFILES: dict[str, dict[str, Any]] = {

@@ -275,11 +275,23 @@ class Evaluator:
                     detail=f"{no_face} of {len(picked)} frames",
                 )
             )
+        partial = 0
         for name, emb in self.face_embedders.items():
             result = identity_score(
                 embed_faces(emb, picked, dets), refs[name], self.cfg.face_cosine_floor.get(name, 0.0)
             )
             row.identity[name] = result.score
+            partial = max(partial, result.frames_with_miss - no_face)
+        if partial:  # faces were found, but fewer than the case's references
+            row.failures.append(
+                CaseFailure(
+                    key=row.key,
+                    task=row.task,
+                    reason="face_missed",
+                    frames=partial,
+                    detail=f"fewer faces than references in {partial} of {len(picked)} frames",
+                )
+            )
 
     def _dynamic(self, row: VideoMetrics, frames: np.ndarray, fps: float) -> None:
         small = frames
