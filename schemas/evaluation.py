@@ -47,9 +47,12 @@ class EvalConfig(Section):
     profile: str = "paper"
     face_detector: ModelSpec = ModelSpec(backend="insightface")
     face_recognizers: dict[str, ModelSpec] = Field(
+        # ArcSim is ArcFace r100 in the paper: insightface's glintr100 (antelopev2) is the IR-100 that pip can load.
+        # CurSim is CurricularFace IR-101, which no pip package ships: the second recogniser stands in for it,
+        # buffalo_l's w600k_r50 (IR-50, ArcFace loss, WebFace600K: other data, other depth).
         default_factory=lambda: {
-            "ArcSim": ModelSpec(backend="arcface"),
-            "CurSim": ModelSpec(backend="glintr100"),
+            "ArcSim": ModelSpec(backend="glintr100"),
+            "CurSim": ModelSpec(backend="arcface"),
         }
     )
     face_cosine_floor: dict[str, float] = Field(
