@@ -23,10 +23,24 @@ DEFAULTS: dict[str, str] = {
     "insightface": "buffalo_l",
     "clip": "openai/clip-vit-large-patch14",
     "siglip": "google/siglip-so400m-patch14-384",
+    # evaluation (issue 9): face recognisers are insightface packs (the recognition ONNX inside, see
+    # models/face_embedder.py), the rest are hub ids.
+    "arcface": "buffalo_l",
+    "glintr100": "antelopev2",
+    "owlv2": "google/owlv2-base-patch16-ensemble",
+    "florence2": "florence-community/Florence-2-large",  # microsoft/Florence-2-large, converted to native
+    "dinov2": "facebook/dinov2-base",
+    "xclip": "microsoft/xclip-base-patch32",
+    "videoclip-xl": "alibaba-pai/VideoCLIP-XL-v2",
+    # torchvision weight-enum names: C_T_V1 is the original RAFT "raft-things" checkpoint VBench's dynamic degree
+    # uses (ported by torchvision).
+    "raft-large": "C_T_V1",
+    "raft-small": "C_T_V2",
 }
 """The weights a backend loads when its spec names none (the adapters take theirs from here)."""
 
 _HUB = {"nvila", "qwen2.5-vl", "grounding-dino", "sam-hf", "flux-fill", "clip", "siglip"}
+_HUB |= {"owlv2", "florence2", "dinov2", "xclip", "videoclip-xl"}  # evaluation models (issue 9)
 _PACKAGED = {"opencv-hog": "cv2", "dlib": "dlib", "mtcnn": "facenet_pytorch"}
 
 
@@ -85,9 +99,9 @@ def missing(spec: ModelSpec) -> str | None:
         if Path(weights).is_file() or _ultralytics_has(weights):
             return None
         return None if hub_reachable() else f"yolo weights {weights} are not here and cannot be downloaded"
-    if backend == "insightface":
+    if backend in ("insightface", "arcface", "glintr100"):  # model packs (the face embedders may name a file)
         root = Path(spec.options.get("root", "~/.insightface")).expanduser()
-        if (root / "models" / weights).is_dir() or Path(weights).is_dir():
+        if (root / "models" / weights).is_dir() or Path(weights).is_dir() or Path(weights).is_file():
             return None
         return None if hub_reachable() else f"insightface pack {weights} is not under {root}/models"
     if backend in _HUB:
