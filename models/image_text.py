@@ -334,9 +334,9 @@ def _tiny_clip():
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
-    from models.inpainter import _tiny_clip_tokenizer
+    from models.tiny_vocab import tiny_clip_tokenizer
 
-    tokenizer = _tiny_clip_tokenizer()
+    tokenizer = tiny_clip_tokenizer()
     tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
     config = CLIPConfig(
         text_config=CLIPTextConfig(
@@ -360,9 +360,9 @@ def _tiny_siglip():
     import torch
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
 
-    from models.inpainter import _tiny_t5_tokenizer
+    from models.tiny_vocab import tiny_t5_tokenizer
 
-    tokenizer = _tiny_t5_tokenizer()
+    tokenizer = tiny_t5_tokenizer()
     tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
     config = SiglipConfig(
         text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": 64},

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device, resolve_dtype
-from models.tiny_vocab import TINY_WORDS
+from models.tiny_vocab import tiny_clip_tokenizer, tiny_t5_tokenizer
 from models.weights import DEFAULTS
 
 logger = logging.getLogger(__name__)
@@ -211,39 +211,6 @@ def clean_plate(
 # Test build ------------------------------------------------------------------------------------------------
 
 
-_LETTERS = list("abcdefghijklmnopqrstuvwxyz0123456789-")
-
-
-def _tiny_clip_tokenizer():
-    """A byte-level BPE CLIP tokenizer whose merges spell out each word of the list (others fall to
-    letters)."""
-    from transformers import CLIPTokenizer
-
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    merges: list[tuple[str, str]] = []
-    for tok in _LETTERS + [c + "</w>" for c in _LETTERS] + [",</w>", ".</w>"]:
-        vocab.setdefault(tok, len(vocab))
-    for word in TINY_WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        acc = pieces[0]
-        for piece in pieces[1:]:
-            merge = (acc, piece)
-            acc += piece
-            if merge not in merges:
-                merges.append(merge)
-            vocab.setdefault(acc, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def _tiny_t5_tokenizer():
-    """A Unigram T5 tokenizer over the word list plus single letters, so every prompt tokenizes."""
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0), (",", -2.0), (".", -2.0)]
-    pieces += [("▁" + w, -1.0) for w in TINY_WORDS] + [(c, -5.0) for c in _LETTERS]
-    return T5Tokenizer(vocab=pieces, extra_ids=0)
-
-
 def tiny_flux_fill_pipeline():
     """Test build: a real FluxFillPipeline over toy-sized components with random weights.
 
@@ -261,7 +228,7 @@ def tiny_flux_fill_pipeline():
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    tokenizer, tokenizer_2 = _tiny_clip_tokenizer(), _tiny_t5_tokenizer()
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),

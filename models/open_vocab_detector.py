@@ -158,9 +158,9 @@ def build_test_owlv2(seed: int = 0):
     built offline from the project's word list (16 tokens per query, as OWLv2)."""
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
-    from models.inpainter import _tiny_clip_tokenizer
+    from models.tiny_vocab import tiny_clip_tokenizer
 
-    tokenizer = _tiny_clip_tokenizer()
+    tokenizer = tiny_clip_tokenizer()
     tokenizer.model_max_length = 16
     processor = Owlv2Processor(
         image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer

@@ -2,7 +2,8 @@
 
 One list for every tiny tokenizer in the project (GroundingDINO's BERT-style, FLUX's CLIP and T5, the trainer's
 UMT5 stand-in): caption, attribute, object and background words of the fixtures and sample videos, so the
-test builds tokenise them into real word ids instead of <unk>.
+test builds tokenise them into real word ids instead of <unk>. The tokenizers themselves are built here too,
+so every test build of a CLIP-family model (FLUX, CLIP, OWLv2, X-CLIP) shares one.
 """
 
 TINY_WORDS: tuple[str, ...] = (
@@ -166,3 +167,35 @@ TINY_WORDS: tuple[str, ...] = (
     "indoor",
     "outdoor",
 )
+
+TINY_LETTERS = list("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+def tiny_clip_tokenizer():
+    """A byte-level BPE CLIP tokenizer whose merges spell out each word of the list (others fall to
+    letters)."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    merges: list[tuple[str, str]] = []
+    for tok in TINY_LETTERS + [c + "</w>" for c in TINY_LETTERS] + [",</w>", ".</w>"]:
+        vocab.setdefault(tok, len(vocab))
+    for word in TINY_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        acc = pieces[0]
+        for piece in pieces[1:]:
+            merge = (acc, piece)
+            acc += piece
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault(acc, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def tiny_t5_tokenizer():
+    """A Unigram T5 tokenizer over the word list plus single letters, so every prompt tokenizes."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0), (",", -2.0), (".", -2.0)]
+    pieces += [("▁" + w, -1.0) for w in TINY_WORDS] + [(c, -5.0) for c in TINY_LETTERS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)

@@ -141,9 +141,9 @@ def build_test_xclip(seed: int = 0, num_frames: int = 8):
     offline from the project's word list."""
     from transformers import VideoMAEImageProcessor, XCLIPConfig, XCLIPModel, XCLIPProcessor
 
-    from models.inpainter import _tiny_clip_tokenizer
+    from models.tiny_vocab import tiny_clip_tokenizer
 
-    tokenizer = _tiny_clip_tokenizer()
+    tokenizer = tiny_clip_tokenizer()
     image_processor = VideoMAEImageProcessor(
         size={"shortest_edge": 32},
         crop_size={"height": 32, "width": 32},
