@@ -64,7 +64,6 @@ def models():
 
     pytest.importorskip("dlib")
     # models/image_text.py (CLIP, SigLIP, colour matcher) comes from issue 12's branch
-    pytest.importorskip("models.image_text")
     from models.image_text import IMAGE_TEXT
 
     return {

@@ -74,7 +74,6 @@ def test_cli_identity_task_scores_and_explains(bench, capsys):
 
 
 def test_cli_subject_task_binding_tells_right_from_swapped(bench):
-    pytest.importorskip("models.image_text")  # the subject task's CLIP / colour matcher: issue 12's branch
     results = {}
     for name in ("gen", "swapped"):
         out = bench["root"] / f"out_subject_{name}"

@@ -7,7 +7,6 @@ import pyarrow.parquet as pq
 import pytest
 
 pytest.importorskip("dlib")
-pytest.importorskip("models.image_text")  # the subject task's CLIP / colour matcher: issue 12's branch
 pytestmark = pytest.mark.slow
 
 
