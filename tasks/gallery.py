@@ -163,8 +163,11 @@ def _outlined(cutout: Image.Image, mask: Image.Image | None, colour: str, side: 
         return image
     m = np.asarray(mask.convert("L").resize(image.size, Image.NEAREST)) > 127
     grown = m.copy()
-    for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1)):
-        grown |= np.roll(np.roll(m, dy, 0), dx, 1)
+    for _ in range(2):  # a 2 px ring just outside the mask
+        ring = grown.copy()
+        for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            ring |= np.roll(np.roll(grown, dy, 0), dx, 1)
+        grown = ring
     edge = grown & ~m
     arr = np.asarray(image).copy()
     arr[edge] = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
