@@ -189,8 +189,20 @@ def _logs_above_progress(progress: bool) -> Iterator[None]:
         return
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    names = ["", "prefect", "prefect.flow_runs", "prefect.task_runs", "flows", "tasks", "models"]
-    with logging_redirect_tqdm(loggers=[logging.getLogger(n) for n in names]):
+    # Only the loggers that print (a handler on stderr/stdout): the others propagate to them, and a redirect on
+    # both would print every line twice.
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    printing = [
+        lg
+        for lg in loggers
+        if any(
+            isinstance(h, logging.StreamHandler) and h.stream in (sys.stderr, sys.stdout, sys.__stderr__)
+            for h in lg.handlers
+        )
+    ]
+    with logging_redirect_tqdm(loggers=printing):
         yield
 
 
