@@ -72,6 +72,25 @@ def test_stdout_is_the_json_summary_and_stderr_has_no_colour_codes(demo):
     assert "gallery: file://" in proc.stderr
 
 
+def test_samples_and_manifest_record_the_weights_that_made_them(demo):
+    import pyarrow.parquet as pq
+
+    from tasks.gallery import iter_shard_samples
+
+    out, _, _ = demo
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert len(rows) == 3
+    for row in rows:
+        models = dict(row["models"])
+        assert models["faces"].startswith("dlib-hog@pkg:dlib") and "face-recognition-models==" in models["faces"]
+        assert models["persons"].startswith("opencv-hog-default-people@pkg:opencv-python")
+    with open(next((out / "shards").glob("*.tar")), "rb") as f:
+        metas = [json.loads(s.members["meta.json"]) for s in iter_shard_samples(f, "s")]
+    assert all(m["revision"] and m["revision"].startswith("pkg:") for meta in metas for m in meta["models"].values())
+    html = (out / "gallery" / "index.html").read_text()
+    assert "pkg:dlib-bin==" in html  # the gallery shows them
+
+
 def test_the_run_report_artifact_links_the_gallery(demo):
     from prefect.artifacts import Artifact
 
