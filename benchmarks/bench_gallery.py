@@ -19,7 +19,6 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
@@ -108,16 +107,30 @@ def synthetic_meta(key: str, i: int) -> SampleMeta:
             "schema_version": 2,
             "key": key,
             "caption": CAPTION,
-            "video": {"uri": f"/data/raw/video_{i:05d}.mp4", "fps": 8.0, "width": 256, "height": 144,
-                      "duration_s": 2.0, "num_frames": 16, "clip_width": 256, "clip_height": 144},  # fmt: skip
+            "video": {
+                "uri": f"/data/raw/video_{i:05d}.mp4",
+                "fps": 8.0,
+                "width": 256,
+                "height": 144,
+                "duration_s": 2.0,
+                "num_frames": 16,
+                "clip_width": 256,
+                "clip_height": 144,
+            },
             "keyframes": [
                 {"index": k, "position": p, "time_s": p * 2.0, "frame_index": round(p * 16)}
                 for k, p in enumerate((0.05, 0.5, 0.95))
             ],
             "persons": persons,
             "objects": [
-                {"label": "yellow umbrella", "image": "object_0.png", "mask": "object_0_mask.png",
-                 "keyframe": 2, "box": box(200, 40, 250, 120), "score": 0.6}  # fmt: skip
+                {
+                    "label": "yellow umbrella",
+                    "image": "object_0.png",
+                    "mask": "object_0_mask.png",
+                    "keyframe": 2,
+                    "box": box(200, 40, 250, 120),
+                    "score": 0.6,
+                }
             ],
             "background": {"label": "a quiet city street", "image": "background.png", "keyframe": 1},
             "models": models,
@@ -142,7 +155,11 @@ def write_synthetic_output(out: Path, samples: int, per_shard: int = 250, failur
                 key = f"v{i:019d}"
                 keys.append(key)
                 meta = synthetic_meta(key, i)
-                members = {"mp4": media["mp4"], "caption.txt": CAPTION.encode(), "meta.json": dump_sample_meta(meta)}
+                members = {
+                    "mp4": media["mp4"],
+                    "caption.txt": CAPTION.encode(),
+                    "meta.json": dump_sample_meta(meta),
+                }
                 for p in meta.persons:
                     members[p.face] = media["face.png"]
                     for a in p.attributes:
@@ -156,20 +173,37 @@ def write_synthetic_output(out: Path, samples: int, per_shard: int = 250, failur
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
         entries.append(
-            ShardEntry(url=name, count=len(keys), num_bytes=(out / SHARDS / name).stat().st_size, sha256="0" * 64,
-                       keys=keys, sample_fingerprints=dict.fromkeys(keys, "synthetic"))  # fmt: skip
+            ShardEntry(
+                url=name,
+                count=len(keys),
+                num_bytes=(out / SHARDS / name).stat().st_size,
+                sha256="0" * 64,
+                keys=keys,
+                sample_fingerprints=dict.fromkeys(keys, "synthetic"),
+            )
         )
     (out / INDEX).write_text(ShardIndex(shards=entries).model_dump_json(indent=1))
     reasons = ("no_face", "decode_error", "no_caption")
     rows = [
-        {"video_id": f"f{i}", "uri": f"/data/raw/broken_{i:04d}.mp4", "stage": "faces",
-         "error_class": reasons[i % 3], "message": f"synthetic failure {i}", "time": datetime.now(UTC)}  # fmt: skip
+        {
+            "video_id": f"f{i}",
+            "uri": f"/data/raw/broken_{i:04d}.mp4",
+            "stage": "faces",
+            "error_class": reasons[i % 3],
+            "message": f"synthetic failure {i}",
+            "time": datetime.now(UTC),
+        }
         for i in range(failures)
     ]
     pq.write_table(pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA), out / FAILURES)
-    report = {"profile": "synthetic", "config_fingerprint": "0000synthetic", "samples": samples,
-              "videos_failed": failures, "videos_found": samples + failures,
-              "random_weight_samples": sum(i % 10 == 0 for i in range(samples))}  # fmt: skip
+    report = {
+        "profile": "synthetic",
+        "config_fingerprint": "0000synthetic",
+        "samples": samples,
+        "videos_failed": failures,
+        "videos_found": samples + failures,
+        "random_weight_samples": sum(i % 10 == 0 for i in range(samples)),
+    }
     (out / REPORT).write_text(json.dumps(report))
     return out
 
@@ -180,7 +214,9 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=1000)
-    ap.add_argument("--out", default=None, help="where to write the synthetic output (default: a temporary dir)")
+    ap.add_argument(
+        "--out", default=None, help="where to write the synthetic output (default: a temporary dir)"
+    )
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp) / "synthetic-output"

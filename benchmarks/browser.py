@@ -50,9 +50,18 @@ class Browser:
         self.timeout = timeout
         self.profile = tempfile.mkdtemp(prefix="lumosx-chromium-")
         self.proc = subprocess.Popen(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
-             "--remote-debugging-port=0", f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
-             "about:blank"],  # fmt: skip
+            [
+                exe,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-extensions",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={self.profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -152,7 +161,9 @@ class Browser:
         for e in self.events:
             method, p = e.get("method"), e.get("params", {})
             if method == "Runtime.consoleAPICalled" and p.get("type") in ("error", "warning", "assert"):
-                out.console_errors.append(" ".join(str(a.get("value", a.get("description"))) for a in p["args"]))
+                out.console_errors.append(
+                    " ".join(str(a.get("value", a.get("description"))) for a in p["args"])
+                )
             elif method == "Runtime.exceptionThrown":
                 out.console_errors.append(p["exceptionDetails"].get("text", "exception"))
             elif method == "Log.entryAdded" and p["entry"].get("level") in ("error", "warning"):

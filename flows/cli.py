@@ -347,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable"
         )
         p.add_argument(
-            "--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a terminal)"
+            "--no-progress",
+            action="store_true",
+            help="no progress bar (there is none when stderr is not a terminal)",
         )
         p.add_argument(
             "--no-gallery", action="store_true", help="do not write OUTPUT/gallery at the end of the run"

@@ -320,7 +320,10 @@ def _report_markdown(report: dict[str, Any], failures: list | None = None) -> st
     ]
     if report.get("gallery"):
         uri = Path(report["gallery"]).resolve().as_uri()
-        lines += [f"**gallery**: [{report['gallery']}]({uri}) (open it in a browser on the output's machine)", ""]
+        lines += [
+            f"**gallery**: [{report['gallery']}]({uri}) (open it in a browser on the output's machine)",
+            "",
+        ]
     if report["aborted"]:
         lines += [f"**STOPPED EARLY**: {report['aborted']}", ""]
     if report["random_weight_samples"]:

@@ -192,7 +192,9 @@ def make_sample_videos(out_dir: str | Path, *, seconds: float = 3.0, fps: int = 
     for name, frames in makers.items():
         # Byte-reproducible on any machine: the same content ids (sample keys) everywhere. One encoder thread and
         # no version strings; PIL's resampling and x264 are deterministic for a given build of each.
-        path = write_video(out_dir / f"{name}.mp4", frames(), fps, encoder="libx264", threads=1, bitexact=True)
+        path = write_video(
+            out_dir / f"{name}.mp4", frames(), fps, encoder="libx264", threads=1, bitexact=True
+        )
         atomic_write_bytes(out_dir / f"{name}.txt", (CAPTIONS[name] + "\n").encode())
         paths.append(path)
     return paths

@@ -131,7 +131,9 @@ def _ultralytics_file(name: str) -> str | None:
     if _ultralytics_has(name):
         import json
 
-        config = Path(os.environ.get("YOLO_CONFIG_DIR", "~/.config/Ultralytics")).expanduser() / "settings.json"
+        config = (
+            Path(os.environ.get("YOLO_CONFIG_DIR", "~/.config/Ultralytics")).expanduser() / "settings.json"
+        )
         return str(Path(json.loads(config.read_text())["weights_dir"]) / name)
     return None
 

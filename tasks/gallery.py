@@ -35,6 +35,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,7 @@ def _shard_sources(output: OutputDir | None, shards: list[str] | None) -> list[t
         for s in shards:
             p = Path(s)
             files = sorted(p.glob("*.tar")) if p.is_dir() else [p]
-            out += [(f.name, (lambda f=f: open(f, "rb"))) for f in files]
+            out += [(f.name, partial(f.open, "rb")) for f in files]
         return out
     assert output is not None
     if output.exists(INDEX):
@@ -307,7 +308,9 @@ def _scores_html(meta: SampleMeta) -> str:
         return ""
     return (
         '<table class="scores"><tr><th>person</th><th>face det</th><th>face quality</th><th>face px</th>'
-        "<th>person det (per keyframe)</th><th>attributes (grounding/mask)</th></tr>" + "".join(rows) + "</table>"
+        "<th>person det (per keyframe)</th><th>attributes (grounding/mask)</th></tr>"
+        + "".join(rows)
+        + "</table>"
     )
 
 
@@ -413,7 +416,9 @@ def render_sample(raw: _RawSample, gallery: Path) -> tuple[str, dict[str, Any]]:
         if p.whole:
             t = thumb(p.whole, colour=c, mask=p.whole_mask)
             if t:
-                parts.append(f'<figure class="attr">{_img(*t, "whole")}<figcaption>whole</figcaption></figure>')
+                parts.append(
+                    f'<figure class="attr">{_img(*t, "whole")}<figcaption>whole</figcaption></figure>'
+                )
         label = f" {_e(p.label)}" if p.label else ""
         conds.append(
             f'<div class="person" style="border-color:{c}"><div class="ptitle" style="color:{c}">'
@@ -439,7 +444,9 @@ def render_sample(raw: _RawSample, gallery: Path) -> tuple[str, dict[str, Any]]:
                 )
             conds.append(f'<div class="person bgpair">{pair}</div>')
     elif meta.background_status is not None and meta.background_status.status != "ok":
-        notes.append(f"no background plate: {meta.background_status.status} ({meta.background_status.reason})")
+        notes.append(
+            f"no background plate: {meta.background_status.status} ({meta.background_status.reason})"
+        )
     for d in meta.dropped:
         notes.append(f"dropped {d.entity}{f' ({d.label})' if d.label else ''}: {d.reason}")
     for p in meta.persons_without_face:
@@ -456,11 +463,7 @@ def render_sample(raw: _RawSample, gallery: Path) -> tuple[str, dict[str, Any]]:
         + _keyframes_html(meta, frames)
         + (f'<div class="conds">{"".join(conds)}</div>' if conds else "")
         + f'<p class="caption">{highlight_caption(meta)}</p>'
-        + (
-            '<ul class="qa">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"
-            if notes
-            else ""
-        )
+        + ('<ul class="qa">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>" if notes else "")
         + _scores_html(meta)
         + _models_html(meta)
         + "</section>"
@@ -598,7 +601,7 @@ def _failures_page(failures: list[dict[str, Any]], gallery: Path, banner: str, h
             )
         if len(rows) > FAILURE_ROWS_PER_REASON:
             parts.append(
-                f'<tr><td colspan=4>… {len(rows) - FAILURE_ROWS_PER_REASON} more in failures.parquet</td></tr>'
+                f"<tr><td colspan=4>… {len(rows) - FAILURE_ROWS_PER_REASON} more in failures.parquet</td></tr>"
             )
         parts.append("</table>")
     nav = '<a href="index.html">&larr; samples</a>'
@@ -672,7 +675,13 @@ def build_gallery(
             nav = _nav(number, None, has_next, len(failed) if failures else None)
             _write(
                 gallery / _page_name(number),
-                _page(f"gallery page {number}", _banner(summary.random_weight_samples), header, nav, "".join(pending)),
+                _page(
+                    f"gallery page {number}",
+                    _banner(summary.random_weight_samples),
+                    header,
+                    nav,
+                    "".join(pending),
+                ),
             )
         pending.clear()
 
@@ -739,9 +748,14 @@ def _overview(summary: GallerySummary, models: dict[str, set], failed: list[dict
         counts: dict[str, int] = defaultdict(int)
         for f in failed:
             counts[f["error_class"]] += 1
-        reasons = "<p>failures: " + ", ".join(
-            f'<a href="failures.html#r-{_e(r)}">{_e(r)}</a> {c}' for r, c in sorted(counts.items(), key=lambda kv: -kv[1])
-        ) + "</p>"
+        reasons = (
+            "<p>failures: "
+            + ", ".join(
+                f'<a href="failures.html#r-{_e(r)}">{_e(r)}</a> {c}'
+                for r, c in sorted(counts.items(), key=lambda kv: -kv[1])
+            )
+            + "</p>"
+        )
     return (
         f'<div class="sample overview"><b>{summary.samples}</b> samples on {summary.pages} page(s): {pages}'
         f'{reasons}<ul class="models">{"".join(rows)}</ul>'

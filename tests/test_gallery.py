@@ -82,11 +82,15 @@ def test_samples_and_manifest_record_the_weights_that_made_them(demo):
     assert len(rows) == 3
     for row in rows:
         models = dict(row["models"])
-        assert models["faces"].startswith("dlib-hog@pkg:dlib") and "face-recognition-models==" in models["faces"]
+        assert (
+            models["faces"].startswith("dlib-hog@pkg:dlib") and "face-recognition-models==" in models["faces"]
+        )
         assert models["persons"].startswith("opencv-hog-default-people@pkg:opencv-python")
     with open(next((out / "shards").glob("*.tar")), "rb") as f:
         metas = [json.loads(s.members["meta.json"]) for s in iter_shard_samples(f, "s")]
-    assert all(m["revision"] and m["revision"].startswith("pkg:") for meta in metas for m in meta["models"].values())
+    assert all(
+        m["revision"] and m["revision"].startswith("pkg:") for meta in metas for m in meta["models"].values()
+    )
     html = (out / "gallery" / "index.html").read_text()
     assert "pkg:dlib-bin==" in html  # the gallery shows them
 
@@ -105,7 +109,9 @@ def test_the_run_report_artifact_links_the_gallery(demo):
 
 def test_quiet_prints_the_json_summary_only(demo):
     out, _, env = demo
-    proc = _cli("demo", str(out), "--executor", "local", "--quiet", env=env)  # a rerun: resumes, nothing to do
+    proc = _cli(
+        "demo", str(out), "--executor", "local", "--quiet", env=env
+    )  # a rerun: resumes, nothing to do
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["samples"] == 3
     assert proc.stderr.strip() == ""
@@ -188,13 +194,15 @@ def test_synthetic_subject_samples_pages_banner_and_failures(tmp_path):
     assert pages == ["failures.html", "index.html", "page-0002.html", "page-0003.html"]
     index = (gallery / "index.html").read_text()
     assert 'id="random-banner"' in index and index.count('class="sample random"') == 1
-    assert index.count("<section class=\"sample") == 3  # a page of three samples
+    assert index.count('<section class="sample') == 3  # a page of three samples
     # Every label of the caption is highlighted in its owner's colour; cut-outs, objects and the plate are shown.
     assert index.count("<mark ") == 3 * 6
-    assert 'alt="red jacket"' in index and 'alt="yellow umbrella"' in index and 'alt="background plate"' in index
+    assert (
+        'alt="red jacket"' in index and 'alt="yellow umbrella"' in index and 'alt="background plate"' in index
+    )
     assert 'href="page-0002.html"' in index and 'href="failures.html"' in index
     last = (gallery / "page-0003.html").read_text()
-    assert 'rel=next' not in last and last.count('<section class="sample') == 1
+    assert "rel=next" not in last and last.count('<section class="sample') == 1
     failures = (gallery / "failures.html").read_text()
     assert failures.count('class="failure"') == 5 and "broken_0003.mp4" in failures
     assert all(f'id="r-{r}"' in failures for r in ("no_face", "decode_error", "no_caption"))

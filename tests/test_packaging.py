@@ -45,7 +45,11 @@ def metadata() -> tuple[list[Requirement], dict[str, list[Requirement]], str]:
         "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))"
     )
     proc = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", code, str(out)], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-W", "ignore", "-c", code, str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     dist = md.PathDistribution(out / proc.stdout.strip().splitlines()[-1])
@@ -129,7 +133,9 @@ def test_extras_hold_what_their_profiles_and_the_trainer_use():
     assert {"scikit-image", "braceexpand"} <= _names(base)
     assert "scikit-image" not in _names(extras["dev"])
     # Floors the code really needs; upper bounds where it subclasses another project's internals.
-    assert SpecifierSet(requires_python).contains("3.11") and not SpecifierSet(requires_python).contains("3.10")
+    assert SpecifierSet(requires_python).contains("3.11") and not SpecifierSet(requires_python).contains(
+        "3.10"
+    )
     torch = _req(base, "torch").specifier
     assert not torch.contains(Version("2.4.1")) and torch.contains(Version("2.5.0"))
     for extra in ("train", "paper"):
@@ -167,7 +173,9 @@ def test_train_help_answers_in_under_a_second():
     best = float("inf")
     for _ in range(2):  # best of two: a shared CI core may be busy for a moment
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "lumosx_model.cli", "--help"], cwd=REPO, capture_output=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "lumosx_model.cli", "--help"], cwd=REPO, capture_output=True
+        )
         best = min(best, time.perf_counter() - t0)
         assert proc.returncode == 0
     assert best < 1.0, f"lumosx-train --help took {best:.2f} s"

@@ -62,7 +62,10 @@ def test_hub_ids_resolve_to_the_cached_commit(tmp_path, monkeypatch):
     snap = str(repo / "snapshots" / COMMIT)
     assert resolve_revision(ModelSpec(backend="sam-hf", weights=snap), snap) == f"git:{COMMIT}"
     other = "f" * 40
-    assert resolve_revision(ModelSpec(backend="qwen2.5-vl", weights="org/x", revision=other), "org/x") == f"git:{other}"
+    assert (
+        resolve_revision(ModelSpec(backend="qwen2.5-vl", weights="org/x", revision=other), "org/x")
+        == f"git:{other}"
+    )
     # Not cached and no hub: said plainly, never None.
     missing = resolve_revision(ModelSpec(backend="qwen2.5-vl", weights="org/absent"), "org/absent")
     assert missing == "unresolved:org/absent@default"
