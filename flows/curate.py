@@ -126,13 +126,14 @@ def curate(
         with engine:
             error = _run_partitions(engine, run_key, config.run, bar)
             report = _finalize(engine, error)
+            bar.close()
+            if report is not None and gallery:  # while the output's lock is still held
+                report["gallery"] = _gallery(engine)
+                engine.write_report(report)
     finally:
         _RUNS.pop(run_key, None)
         bar.close()
     if report is not None:
-        if gallery:
-            report["gallery"] = _gallery(engine)
-            engine.write_report(report)
         _publish(report, engine)
     if error is not None:
         reason = engine.aborted or f"{type(error).__name__}: {error}"
@@ -235,6 +236,7 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _slug(text: str) -> str:

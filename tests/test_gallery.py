@@ -241,3 +241,36 @@ def test_qa_notes_flag_a_face_outside_its_person():
     p.boxes[1] = p.boxes[1].model_copy(update={"x1": p.face_box.x0 - 20})
     (note,) = qa_notes(meta)
     assert note.startswith("person 0: face box") and "keyframe 1" in note
+
+
+def test_failures_page_shows_a_frame_when_the_file_still_decodes(tmp_path):
+    from datetime import UTC, datetime
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flows.sample_data import write_video
+    from schemas.sample import FAILURES_SCHEMA
+
+    out = write_synthetic_output(tmp_path / "out", samples=1, failures=0)
+    good = write_video(tmp_path / "no_face.mp4", [np.full((64, 96, 3), 200, np.uint8)] * 4, 4)
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)  # opening it would block forever: never touched
+    rows = [
+        {"video_id": n, "uri": str(p), "stage": s, "error_class": r, "message": "m", "time": datetime.now(UTC)}
+        for n, p, s, r in (
+            ("a", good, "faces", "no_face"),
+            ("b", text, "ingest", "decode_error"),
+            ("c", fifo, "ingest", "not_a_file"),
+        )
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA), out / "failures.parquet")
+    build_gallery(str(out))
+    page = (out / "gallery" / "failures.html").read_text()
+    assert page.count('class="failure"') == 3
+    assert page.count("<img ") == 1 and "(no frame)" in page  # the text file; the FIFO gets no thumbnail at all
+    (src,) = re.findall(r'src="([^"]+)"', page)
+    assert (out / "gallery" / src).is_file()
