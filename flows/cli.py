@@ -146,7 +146,8 @@ def _start(args: argparse.Namespace, input: str, config) -> int:
         # A local Ray starts while Prefect starts its temporary server, not after it.
         from tasks.ray_executor import start_local_ray, stop_local_ray
 
-        start_local_ray(config)
+        with _stdout_reserved():  # Ray's processes inherit this fd 1: none of them may write to our stdout
+            start_local_ray(config)
         try:
             return _run_flow(args, input)
         finally:
