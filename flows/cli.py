@@ -297,6 +297,8 @@ def _gallery(args: argparse.Namespace) -> int:
         )
     except (FileExistsError, PermissionError) as e:
         raise PreflightError(EX_CANTCREAT, str(e)) from None
+    except OSError as e:  # disk full, an unreadable output: the machine, not a bug
+        raise PreflightError(EX_IOERR, f"{type(e).__name__}: {e}") from None
     except ValueError as e:
         raise PreflightError(EX_USAGE, str(e)) from None
     print(json.dumps(summary.as_dict()), flush=True)
