@@ -273,6 +273,14 @@ def qa_notes(meta: SampleMeta) -> list[str]:
     return notes
 
 
+def short_revision(rev: str) -> str:
+    """`git:`/`sha256:` digests cut to 12 hex digits for display (the full one is the element's title)."""
+    kind, _, value = rev.partition(":")
+    if kind in ("git", "sha256") and len(value) > 12:
+        return f"{kind}:{value[:12]}…"
+    return rev
+
+
 def _models_html(meta: SampleMeta) -> str:
     items = []
     for stage, info in sorted(meta.models.items()):
@@ -280,7 +288,7 @@ def _models_html(meta: SampleMeta) -> str:
         rnd = ' <b class="rnd">RANDOM WEIGHTS</b>' if info.random_weights else ""
         items.append(
             f"<li><b>{_e(stage)}</b> {_e(info.backend)} <code>{_e(info.model_id)}</code> "
-            f'<code class="rev" title="resolved revision">{_e(rev[:24])}</code>{rnd}</li>'
+            f'<code class="rev" title="{_e(rev)}">{_e(short_revision(rev))}</code>{rnd}</li>'
         )
     return f'<ul class="models">{"".join(items)}</ul>' if items else ""
 
@@ -741,7 +749,8 @@ def _overview(summary: GallerySummary, models: dict[str, set], failed: list[dict
         for model_id, revision, random_weights in sorted(ms, key=str):
             rnd = ' <b class="rnd">RANDOM WEIGHTS</b>' if random_weights else ""
             rows.append(
-                f"<li><b>{_e(stage)}</b> <code>{_e(model_id)}</code> @ <code>{_e(revision or 'unresolved')}</code>{rnd}</li>"
+                f"<li><b>{_e(stage)}</b> <code>{_e(model_id)}</code> @ <code>{_e(revision or 'unresolved')}</code>"
+                f"{rnd}</li>"
             )
     reasons = ""
     if failed:

@@ -180,8 +180,8 @@ def test_demo_gallery_renders_in_headless_chromium(demo, tmp_path):
     assert v["status"]["failed"] == "0" and v["status"]["loaded"] == str(v["images"])
     assert not v["random_banner"]  # the offline demo uses real weights
     assert page.screenshot[:8] == b"\x89PNG\r\n\x1a\n" and len(page.screenshot) > 50_000
-    # The finding from the issue is on the page: two_people's person 0 box is narrower than its own face box.
-    assert "is not inside its person box on keyframe 1 (x 63-190" in html
+    # A geometry finding is on the page: in group_pan, HOG's box of person 0 on keyframe 1 misses its face.
+    assert "person 0: face box (x 11-74, y 122-185) is not inside its person box on keyframe 1" in html
 
 
 def test_synthetic_subject_samples_pages_banner_and_failures(tmp_path):
@@ -260,7 +260,14 @@ def test_failures_page_shows_a_frame_when_the_file_still_decodes(tmp_path):
     fifo = tmp_path / "pipe.mp4"
     os.mkfifo(fifo)  # opening it would block forever: never touched
     rows = [
-        {"video_id": n, "uri": str(p), "stage": s, "error_class": r, "message": "m", "time": datetime.now(UTC)}
+        {
+            "video_id": n,
+            "uri": str(p),
+            "stage": s,
+            "error_class": r,
+            "message": "m",
+            "time": datetime.now(UTC),
+        }
         for n, p, s, r in (
             ("a", good, "faces", "no_face"),
             ("b", text, "ingest", "decode_error"),
@@ -271,6 +278,8 @@ def test_failures_page_shows_a_frame_when_the_file_still_decodes(tmp_path):
     build_gallery(str(out))
     page = (out / "gallery" / "failures.html").read_text()
     assert page.count('class="failure"') == 3
-    assert page.count("<img ") == 1 and "(no frame)" in page  # the text file; the FIFO gets no thumbnail at all
+    assert (
+        page.count("<img ") == 1 and "(no frame)" in page
+    )  # the text file; the FIFO gets no thumbnail at all
     (src,) = re.findall(r'src="([^"]+)"', page)
     assert (out / "gallery" / src).is_file()
