@@ -29,6 +29,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import tarfile
 import tempfile
 from collections import defaultdict
@@ -568,6 +569,21 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+REFUSED_FOR_SAFETY = {"outside_input"}
+"""Failure reasons whose file must not be read at all (a link out of the input tree: nothing from it enters)."""
+
+
+def _thumbnail_allowed(uri: str, reason: str) -> bool:
+    """Only a regular local file that is not a link, and not refused for safety: a FIFO named *.mp4 would block
+    open() forever, and a link may point outside the input, which nothing may copy into the output."""
+    if reason in REFUSED_FOR_SAFETY:
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(uri).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def _failures_page(failures: list[dict[str, Any]], gallery: Path, banner: str, header: str) -> None:
     from tasks.keyframes import sample_frames
 
@@ -593,8 +609,7 @@ def _failures_page(failures: list[dict[str, Any]], gallery: Path, banner: str, h
         for i, row in enumerate(rows[:FAILURE_ROWS_PER_REASON]):
             cell = "-"
             uri = row["uri"]
-            # Regular local files only: a FIFO named *.mp4 would block open() forever.
-            if i < FAILURE_THUMBS_PER_REASON and os.path.isfile(uri):
+            if i < FAILURE_THUMBS_PER_REASON and _thumbnail_allowed(uri, reason):
                 try:
                     (image,) = sample_frames(uri, [0.0], max_side=CROP_SIDE * 2)
                     n += 1
