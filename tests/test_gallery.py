@@ -259,6 +259,8 @@ def test_failures_page_shows_a_frame_when_the_file_still_decodes(tmp_path):
     text.write_text("not a video")
     fifo = tmp_path / "pipe.mp4"
     os.mkfifo(fifo)  # opening it would block forever: never touched
+    link = tmp_path / "link.mp4"
+    link.symlink_to(good)  # a link (maybe out of the input tree): never read
     rows = [
         {
             "video_id": n,
@@ -272,6 +274,8 @@ def test_failures_page_shows_a_frame_when_the_file_still_decodes(tmp_path):
             ("a", good, "faces", "no_face"),
             ("b", text, "ingest", "decode_error"),
             ("c", fifo, "ingest", "not_a_file"),
+            ("d", link, "ingest", "outside_input"),
+            ("e", link, "ingest", "decode_error"),
         )
     ]
     pq.write_table(pa.Table.from_pylist(rows, schema=FAILURES_SCHEMA), out / "failures.parquet")
