@@ -133,13 +133,6 @@ def test_gallery_subcommand_and_its_errors(demo, tmp_path):
     assert (not_ours / "notes.txt").read_text() == "keep me"
 
 
-def test_version_flag():
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "--version"], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0 and proc.stdout.startswith("lumosx-curate ")
-
-
 @needs_chromium
 def test_demo_gallery_renders_in_headless_chromium(demo, tmp_path):
     out, _, _ = demo
