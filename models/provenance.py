@@ -11,8 +11,9 @@ was loaded. `resolve_revision` answers, once per model load, with one string:
     random-init                  a test build with random weights (its results are flagged as not data anyway)
     unresolved:<what was asked>  none of the above could be determined (e.g. offline, weights not in the cache)
 
-Hashing reads the weights once more after they are loaded (they are usually still in the page cache); results are
-kept per process by path, size and modification time, so a process hashes each file once.
+Hashing reads the weights once more after they are loaded (they are usually still in the page cache). Digests are
+kept by path, size and modification time, in the process and in `~/.cache/lumosx-curate/sha256.json`
+(`LUMOSX_CACHE_DIR` moves it), so a machine hashes a 20 GB checkpoint once, not once per worker and run.
 """
 
 from __future__ import annotations
@@ -42,24 +43,59 @@ PACKAGED: dict[str, tuple[str, ...]] = {
 _HUB_FILES = ("config.json", "model_index.json", "preprocessor_config.json")
 
 _lock = threading.Lock()
-_file_hashes: dict[tuple[str, int, int], str] = {}
+_file_hashes: dict[str, str] = {}
+_DISK_CACHE_MIN_BYTES = 64 << 20  # small files are quicker to hash than to look up
+
+
+def _cache_file() -> Path:
+    base = os.environ.get("LUMOSX_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "lumosx-curate"
+    )
+    return Path(base) / "sha256.json"
+
+
+def _disk_cache(key: str, digest: str | None = None) -> str | None:
+    """Read (digest None) or record a digest in the machine's cache; any problem just means no cache."""
+    import json
+    import tempfile
+
+    path = _cache_file()
+    try:
+        entries = json.loads(path.read_text()) if path.exists() else {}
+        if digest is None:
+            return entries.get(key)
+        entries[key] = digest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(entries, f)
+        os.replace(tmp, path)
+    except (OSError, ValueError):
+        return None
+    return digest
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file, cached per process by (path, size, mtime)."""
+    """sha256 hex digest of a file, cached by (path, size, mtime) in the process and, for big files, on disk."""
     st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    big = st.st_size >= _DISK_CACHE_MIN_BYTES
     with _lock:
         if key in _file_hashes:
             return _file_hashes[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
+        cached = _disk_cache(key) if big else None
+    if cached is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        cached = h.hexdigest()
+        if big:
+            with _lock:
+                _disk_cache(key, cached)
     with _lock:
-        _file_hashes[key] = digest
-    return digest
+        _file_hashes[key] = cached
+    return cached
 
 
 def directory_sha256(path: str | os.PathLike) -> str:

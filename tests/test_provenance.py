@@ -69,3 +69,22 @@ def test_hub_ids_resolve_to_the_cached_commit(tmp_path, monkeypatch):
     # Not cached and no hub: said plainly, never None.
     missing = resolve_revision(ModelSpec(backend="qwen2.5-vl", weights="org/absent"), "org/absent")
     assert missing == "unresolved:org/absent@default"
+
+
+def test_big_files_are_hashed_once_per_machine(tmp_path, monkeypatch):
+    import json
+
+    import models.provenance as prov
+
+    monkeypatch.setenv("LUMOSX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(prov, "_DISK_CACHE_MIN_BYTES", 10)
+    monkeypatch.setattr(prov, "_file_hashes", {})
+    ckpt = tmp_path / "big.safetensors"
+    ckpt.write_bytes(b"x" * 100)
+    digest = prov.file_sha256(ckpt)
+    assert digest == hashlib.sha256(b"x" * 100).hexdigest()
+    (entry,) = json.loads((tmp_path / "cache" / "sha256.json").read_text()).items()
+    assert entry[1] == digest and entry[0].startswith(str(ckpt))
+    monkeypatch.setattr(prov, "_file_hashes", {})  # a new process: answered from the machine's cache
+    monkeypatch.setattr(prov.hashlib, "sha256", lambda: pytest.fail("hashed again"))
+    assert prov.file_sha256(ckpt) == digest
