@@ -179,3 +179,19 @@ def test_train_help_answers_in_under_a_second():
         best = min(best, time.perf_counter() - t0)
         assert proc.returncode == 0
     assert best < 1.0, f"lumosx-train --help took {best:.2f} s"
+
+
+def test_a_backend_without_its_library_names_the_extra(monkeypatch):
+    """The preflight says which extra installs a paper backend's library (random test builds need it too)."""
+    import importlib.util
+
+    from models.base import ModelSpec
+    from models.weights import missing
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "ultralytics" else real(n, *a)
+    )
+    why = missing(ModelSpec(backend="yolo", random_init=True))
+    assert why == "yolo needs the package ultralytics (pip install 'lumosx-curate[paper]')"
+    assert missing(ModelSpec(backend="opencv-hog")) is None
