@@ -77,6 +77,7 @@ def curate(
     executor: Literal["ray", "local"] = "ray",
     ray_address: str | None = None,
     storage_block: str | None = None,
+    gallery: bool = True,
 ):
     """Curate raw videos into LumosX training shards; returns the run report (also written to report.json).
 
@@ -95,6 +96,8 @@ def curate(
         ray_address: `auto` (the cluster this machine belongs to), `ray://head:10001`, or empty for a local Ray.
         storage_block: name of a Prefect Secret block holding fsspec storage options (JSON) for an s3:// or gs://
             output or input; without it the usual environment variables (AWS_*, ...) apply.
+        gallery: write `<output>/gallery/index.html` (visual QA of the first GALLERY_MAX_SAMPLES samples and of
+            the failures) at the end of a run on a local output; linked from the run report.
     """
     called_at = os.environ.pop("LUMOSX_FLOW_CALLED_AT", None)
     prefect_seconds = round(time.time() - float(called_at), 3) if called_at else None
@@ -123,6 +126,10 @@ def curate(
         with engine:
             error = _run_partitions(engine, run_key, config.run, bar)
             report = _finalize(engine, error)
+            bar.close()
+            if report is not None and gallery:  # while the output's lock is still held
+                report["gallery"] = _gallery(engine)
+                engine.write_report(report)
     finally:
         _RUNS.pop(run_key, None)
         bar.close()
@@ -229,6 +236,7 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _slug(text: str) -> str:
@@ -250,6 +258,24 @@ def _builtin_samples(output: str) -> Path:
     return directory
 
 
+GALLERY_MAX_SAMPLES = 1000
+"""The end-of-run gallery shows the first this many samples (`lumosx-curate gallery --max-samples` for more)."""
+
+
+def _gallery(engine: Curation) -> str | None:
+    """The gallery of the output (local outputs only); a gallery that cannot be made never fails the run."""
+    if not engine.output.local:
+        return None
+    from tasks.gallery import build_gallery
+
+    try:
+        summary = build_gallery(engine.output, max_samples=GALLERY_MAX_SAMPLES)
+    except Exception as exc:  # presentation only: the data is written and verified already
+        get_run_logger().warning("could not write the gallery: %s: %s", type(exc).__name__, exc)
+        return None
+    return summary.path
+
+
 def _storage_options(block: str | None) -> dict[str, Any] | None:
     if not block:
         return None
@@ -266,19 +292,27 @@ def _publish(report: dict[str, Any], engine: Curation) -> None:
     slug = _slug(engine.output.url)
     with contextlib.suppress(Exception):  # the report is on disk too
         create_markdown_artifact(
-            _report_markdown(report), key=f"curate-report-{slug}", description="curate run"
+            _report_markdown(report, engine.failures),
+            key=f"curate-report-{slug}",
+            description=f"curate run of {engine.output.url}",
         )
+    with contextlib.suppress(Exception):
         rows = [
             {"file": f.uri, "stage": f.stage, "reason": f.error_class, "message": f.message[:300]}
             for f in engine.failures[:1000]
         ]
         if rows:
             create_table_artifact(
-                rows, key=f"curate-failures-{slug}", description="failed videos (first 1000)"
+                rows,
+                key=f"curate-failures-{slug}",
+                description=f"failed videos of {engine.output.url} (first 1000 of {len(engine.failures)})",
             )
 
 
-def _report_markdown(report: dict[str, Any]) -> str:
+FAILURE_EXAMPLES = 3
+
+
+def _report_markdown(report: dict[str, Any], failures: list | None = None) -> str:
     lines = [
         f"# curate: {report['samples']} samples, {report['videos_failed']} failed of {report['videos_found']}",
         "",
@@ -286,6 +320,12 @@ def _report_markdown(report: dict[str, Any]) -> str:
         f"executor `{report['executor']}`",
         "",
     ]
+    if report.get("gallery"):
+        uri = Path(report["gallery"]).resolve().as_uri()
+        lines += [
+            f"**gallery**: [{report['gallery']}]({uri}) (open it in a browser on the output's machine)",
+            "",
+        ]
     if report["aborted"]:
         lines += [f"**STOPPED EARLY**: {report['aborted']}", ""]
     if report["random_weight_samples"]:
@@ -304,12 +344,23 @@ def _report_markdown(report: dict[str, Any]) -> str:
             f"{s['seconds_per_video'] if s['seconds_per_video'] is not None else '-'} | {s['replicas'] or '-'} |"
         )
     if report["failures_by_reason"]:
-        lines += ["", "failures: " + ", ".join(f"{k} {v}" for k, v in report["failures_by_reason"].items())]
+        examples: dict[str, list[str]] = {}
+        for f in failures or []:
+            names = examples.setdefault(f.error_class, [])
+            if len(names) < FAILURE_EXAMPLES:
+                names.append(f"`{Path(f.uri).name}` ({f.stage})")
+        lines += ["", "| failure reason | videos | examples |", "|---|---:|---|"]
+        for k, v in sorted(report["failures_by_reason"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {k} | {v} | {', '.join(examples.get(k, [])) or '-'} |")
     if report["skipped"]:
         lines += ["", "skipped: " + ", ".join(f"{k} {v['count']}" for k, v in report["skipped"].items())]
     lines += [
         "",
         f"wall {report['wall_seconds']} s = start-up {report['startup_seconds']} s + work {report['work_seconds']} s; "
-        f"overhead {report['overhead']} (work / the busiest stage's busy time per replica)",
+        f"overhead {report['overhead']} (work / the ideal time: the stages' busy time one after another in one "
+        "process, or, on Ray, the busiest stage's busy time per replica; 1.0 = none)",
     ]
+    prefect_s = (report.get("startup") or {}).get("prefect_seconds")
+    if prefect_s is not None:
+        lines.append(f"plus {prefect_s} s before the flow body ran (Prefect, its temporary server included)")
     return "\n".join(lines)

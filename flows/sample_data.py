@@ -64,8 +64,13 @@ def write_video(
     faststart: bool = False,
     rotation: int = 0,
     mirrored: bool = False,
+    threads: int | None = None,
+    bitexact: bool = False,
 ) -> Path:
     """Encode frames (HxWx3 uint8 RGB arrays, PIL images or PyAV frames) to a video file, atomically.
+
+    `threads` pins the encoder's thread count (x264's output depends on it, and it defaults to the machine's
+    cores); `bitexact` leaves the muxer's version string out, so the bytes do not depend on the FFmpeg build.
 
     `start_time_s` shifts every timestamp (the stream then starts later than 0, as in many real files);
     `gop` sets the keyframe interval (seek tests need several GOPs). `rotation` (degrees clockwise) and
@@ -76,7 +81,12 @@ def write_video(
     time_base = 1 / rate
     first_pts = round(start_time_s * rate)
     options = {"movflags": "+faststart"} if faststart and container_format == "mp4" else {}
-    with atomic_path(path) as tmp, av.open(str(tmp), "w", format=container_format, options=options) as out:
+    if bitexact:
+        options["fflags"] = "+bitexact"
+    with (
+        atomic_path(path) as tmp,
+        av.open(str(tmp), "w", format=container_format, container_options=options) as out,
+    ):
         stream = None
         for i, frame in enumerate(frames):
             if isinstance(frame, av.VideoFrame):
@@ -88,8 +98,18 @@ def write_video(
                 vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
             if stream is None:
                 stream = add_video_stream(
-                    out, vf.width, vf.height, rate, crf=crf, encoder=encoder, gop=gop, preset=preset
+                    out,
+                    vf.width,
+                    vf.height,
+                    rate,
+                    crf=crf,
+                    encoder=encoder,
+                    gop=gop,
+                    preset=preset,
+                    threads=threads,
                 )
+                if bitexact:
+                    stream.codec_context.flags |= av.codec.context.Flags.bitexact
                 stream.codec_context.time_base = time_base
                 if rotation or mirrored:  # PyAV's angle is counter-clockwise
                     stream.set_display_rotation(-rotation, hflip=mirrored)
@@ -170,7 +190,11 @@ def make_sample_videos(out_dir: str | Path, *, seconds: float = 3.0, fps: int = 
     }
     paths = []
     for name, frames in makers.items():
-        path = write_video(out_dir / f"{name}.mp4", frames(), fps)
+        # Byte-reproducible on any machine: the same content ids (sample keys) everywhere. One encoder thread and
+        # no version strings; PIL's resampling and x264 are deterministic for a given build of each.
+        path = write_video(
+            out_dir / f"{name}.mp4", frames(), fps, encoder="libx264", threads=1, bitexact=True
+        )
         atomic_write_bytes(out_dir / f"{name}.txt", (CAPTIONS[name] + "\n").encode())
         paths.append(path)
     return paths

@@ -20,12 +20,24 @@ import logging
 import sys
 from pathlib import Path
 
-import yaml
+# Nothing heavy at import: `lumosx-train --help` must answer at once. The config models import torch (through
+# lumosx_model.relational), so every command imports what it needs when it runs.
 
-from lumosx_model.config import InferenceConfig, TrainConfig, deep_update, preset_path, read_yaml
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lumosx-curate")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _load(args: argparse.Namespace, default_preset: str) -> dict:
+    import yaml
+
+    from lumosx_model.config import deep_update, preset_path, read_yaml
+
     source = Path(args.config) if args.config else preset_path(args.preset or default_preset)
     data = read_yaml(source)
     for item in args.set or []:
@@ -43,6 +55,7 @@ def _load(args: argparse.Namespace, default_preset: str) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from lumosx_model.config import TrainConfig
     from lumosx_model.train import train
 
     cfg = TrainConfig.model_validate(_load(args, "paper_stage1"))
@@ -57,6 +70,7 @@ def _cache(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from lumosx_model.components import load_encoders
+    from lumosx_model.config import TrainConfig
     from lumosx_model.data import LatentCache, fill_cache
 
     cfg = TrainConfig.model_validate(_load(args, "paper_stage1"))
@@ -78,6 +92,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _infer(args: argparse.Namespace) -> int:
+    from lumosx_model.config import InferenceConfig
     from lumosx_model.inference import LumosXGenerator, generate_case
 
     cfg = InferenceConfig.model_validate(_load(args, "inference"))
@@ -121,6 +136,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lumosx-train", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:

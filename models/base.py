@@ -140,9 +140,14 @@ class Registry:
 
 
 def model_info(spec: ModelSpec, default_id: str | None = None) -> ModelInfo:
+    """What a built adapter records in every result: call it once the weights are loaded, so that `revision` is
+    the exact commit or file hash that was loaded (models/provenance.py), not the branch that was asked for."""
+    from models.provenance import resolve_revision
+
+    model_id = spec.weights or default_id
     return ModelInfo(
         backend=spec.backend,
-        model_id=spec.weights or default_id,
-        revision=spec.revision,
+        model_id=model_id,
+        revision=resolve_revision(spec, model_id),
         random_weights=spec.random_init,
     )

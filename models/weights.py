@@ -76,8 +76,24 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return _HUB_REACHABLE
 
 
+_LIBRARIES = {
+    "yolo": "ultralytics",
+    "insightface": "insightface",
+    "sam": "segment_anything",
+    "sam-hf": "transformers",
+    "grounding-dino": "transformers",
+    "qwen2.5-vl": "transformers",
+    "nvila": "transformers",
+    "flux-fill": "diffusers",
+}
+"""The library each paper-profile backend runs on (random test builds too): all in the `[paper]` extra."""
+
+
 def missing(spec: ModelSpec) -> str | None:
     """Why `spec`'s weights cannot be loaded here (one phrase with the fix), or None when they can."""
+    library = _LIBRARIES.get(spec.backend)
+    if library is not None and importlib.util.find_spec(library) is None:
+        return f"{spec.backend} needs the package {library} (pip install 'lumosx-curate[paper]')"
     if spec.random_init:
         return None
     backend = spec.backend

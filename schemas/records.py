@@ -27,6 +27,8 @@ class ModelInfo(Record):
     backend: str
     model_id: str | None = None
     revision: str | None = None
+    """The weights that were loaded: `git:<commit>`, `sha256:<hash>`, `pkg:<dist>==<version>`, `random-init` or
+    `unresolved:<what was asked>` (models/provenance.py)."""
     random_weights: bool = False
     """True for test builds (tiny random weights): their outputs are not data and are flagged loudly."""
 

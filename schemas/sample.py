@@ -318,6 +318,10 @@ class SampleRecord(Record):
     num_bytes: int
     random_weights: bool
     config_fingerprint: str
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="stage -> 'model_id@revision' of the weights that made it (empty in rows of older runs)",
+    )
 
     def manifest_row(self, shard: str) -> dict[str, Any]:
         row = self.model_dump(exclude={"members"})
@@ -361,6 +365,8 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("num_bytes", pa.int64(), nullable=False),
         pa.field("random_weights", pa.bool_(), nullable=False),
         pa.field("config_fingerprint", pa.string(), nullable=False),
+        # stage -> "model_id@revision" (revision: git:<commit>, sha256:<hash>, pkg:<dist>==<version>, random-init)
+        pa.field("models", pa.map_(pa.string(), pa.string())),
     ],
     metadata={"producer": "lumosx-curate", "description": "one row per shard sample"},
 )

@@ -16,6 +16,13 @@ if pip show -q opencv-python >/dev/null 2>&1; then
   pip uninstall -q -y opencv-python
   pip install -q --force-reinstall --no-deps -c constraints.txt "opencv-python-headless<5"
 fi
+# The gallery test opens pages in headless Chromium. Best effort (~35 s), only as root with apt: without it that
+# test is skipped with its reason, nothing else depends on it.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }) \
+    || echo "setup: could not install chromium (the gallery browser test will be skipped)" >&2
+fi
 python - <<'PY'
 import cv2, torch, prefect, transformers, diffusers
 assert hasattr(cv2, "HOGDescriptor"), "opencv-python-headless<5 expected"

@@ -371,8 +371,12 @@ class Curation:
         dataset = finalize(self.output, self.seen, self.discovery_failures)
         self.failures = dataset.failures
         report = self.report(dataset)
-        self.output.write_bytes(REPORT, _json(report))
+        self.write_report(report)
         return report
+
+    def write_report(self, report: dict[str, Any]) -> None:
+        """report.json (the flow writes it again once the gallery exists, to link it)."""
+        self.output.write_bytes(REPORT, _json(report))
 
     def report(self, dataset: DatasetSummary) -> dict[str, Any]:
         wall = time.perf_counter() - self._t0

@@ -169,6 +169,7 @@ class SampleStage(Stage[SampleRecord]):
             num_bytes=sum(len(b) for b in ctx.output.values()),
             random_weights=meta.random_weights,
             config_fingerprint=meta.config_fingerprint or "",
+            models={stage: f"{m.model_id}@{m.revision}" for stage, m in sorted(meta.models.items())},
         )
 
     def _meta_v1(

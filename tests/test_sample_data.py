@@ -63,3 +63,29 @@ def test_samples_show_faces(out_dir):
     two = faces("two_people")
     # The laughing man faces the camera on the right; the woman on the left looks down at her cards.
     assert len(two) >= 1 and all(x > 320 for x, _, _, _ in two)
+
+
+def test_sample_videos_are_byte_identical_across_generations_and_core_counts(out_dir, tmp_path):
+    """The demo's keys are content ids: the same videos must come out byte for byte on any machine.
+
+    The second generation runs in a process limited to one CPU (x264's default thread count follows the cores,
+    and its output follows the thread count): pinned encoder options make that irrelevant.
+    """
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    code = (
+        "import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from flows.sample_data import make_sample_videos; make_sample_videos(sys.argv[1])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=repo, env=env, timeout=300)
+
+    def digests(d: Path) -> dict[str, str]:
+        return {n: hashlib.sha256((d / f"{n}.mp4").read_bytes()).hexdigest() for n in CAPTIONS}
+
+    assert digests(tmp_path) == digests(out_dir)
+    assert b"Lavf" not in (out_dir / "astronaut_zoom.mp4").read_bytes()  # no muxer version string
