@@ -25,7 +25,7 @@ NOT_DECLARED = {"facenet_pytorch"}
 # import name -> distribution, where they differ and the distribution is not installed here to ask.
 KNOWN = {"cv2": "opencv-python-headless", "skimage": "scikit-image", "yaml": "pyyaml", "PIL": "pillow",
          "dlib": "dlib-bin", "segment_anything": "segment-anything", "qwen_vl_utils": "qwen-vl-utils",
-         "s3fs": "s3fs", "gcsfs": "gcsfs"}  # fmt: skip
+         "s3fs": "s3fs", "gcsfs": "gcsfs", "wandb": "wandb"}  # fmt: skip
 # Dependencies of declared distributions that the code also imports by name: declared through their parent.
 TRANSITIVE = {"huggingface_hub": "transformers", "tokenizers": "transformers", "packaging": "transformers"}
 
