@@ -439,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     # Prefect's console follows --log-level (what it sends to the Prefect UI does not change), and writes no colour
     # codes into a file or a pipe.
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", logging.getLevelName(level))
-    os.environ.setdefault("RAY_LOGGER_LEVEL", logging.getLevelName(level).lower())  # read when ray is imported
+    os.environ.setdefault(
+        "RAY_LOGGER_LEVEL", logging.getLevelName(level).lower()
+    )  # read when ray is imported
     if not sys.stderr.isatty():
         os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")
         os.environ.setdefault("NO_COLOR", "1")

@@ -78,7 +78,9 @@ class EvalConfig(Section):
     binding_use_text: bool = Field(
         True, description="add crop <-> attribute-label similarity to the image one"
     )
-    binding_frames: int = Field(3, ge=1, description="evenly spaced frames the binding score reads (1 = middle)")
+    binding_frames: int = Field(
+        3, ge=1, description="evenly spaced frames the binding score reads (1 = middle)"
+    )
     identity_max_frames: int | None = Field(
         None,
         ge=1,
