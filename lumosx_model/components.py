@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from transformers import PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
 from models.base import ModelLoadError
@@ -80,7 +81,12 @@ def tiny_text_encoder_config(d_model: int) -> UMT5Config:
 
 @dataclass(frozen=True)
 class PromptTokenizer:
-    """Tokenizer + prompt length: the picklable part that data-loader workers need (no model weights)."""
+    """Tokenizer + prompt length: the picklable part that data-loader workers need (no model weights).
+
+    Prompts and labels are cleaned the way Wan was trained and diffusers' WanPipeline encodes (ftfy when
+    installed, HTML entities, runs of whitespace): a caption with a double space or ``&amp;`` then tokenizes as it
+    did for the released model, and a label is searched in the prompt in the same cleaned form.
+    """
 
     tokenizer: PreTrainedTokenizerBase
     text_len: int
@@ -88,7 +94,7 @@ class PromptTokenizer:
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)``, both ``[B, text_len]``, padded like WanPipeline."""
         out = self.tokenizer(
-            prompts,
+            [prompt_clean(p) for p in prompts],
             padding="max_length",
             max_length=self.text_len,
             truncation=True,
@@ -102,7 +108,7 @@ class PromptTokenizer:
         """Token ids of a condition label as it appears inside a prompt (no EOS), for MCAM word masks."""
         if label is None:
             return None
-        return list(self.tokenizer(label, add_special_tokens=False).input_ids)
+        return list(self.tokenizer(prompt_clean(label), add_special_tokens=False).input_ids)
 
 
 @dataclass

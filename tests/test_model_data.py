@@ -281,3 +281,15 @@ def test_abandoned_loader_workers_exit_cleanly(shards, tokenizer, monkeypatch):
     del batches  # shuts the workers down (DataLoader iterator __del__), while they are still producing
     gc.collect()
     assert [u.exc_value for u in unraisable] == []
+
+
+def test_prompts_and_labels_are_cleaned_like_wan(tokenizer):
+    """Irregular whitespace and HTML entities tokenize as the clean prompt does (as Wan and WanPipeline encode),
+    and a label typed with them is still found inside the prompt."""
+    from lumosx_model.masks import word_mask
+
+    messy, clean = ["a  man\twith a black   hat &amp; red shirt "], ["a man with a black hat & red shirt"]
+    assert torch.equal(tokenizer(messy)[0], tokenizer(clean)[0])
+    ids = tokenizer(messy)[0][0].tolist()
+    assert tokenizer.label_ids("black  hat") == tokenizer.label_ids("black hat")
+    assert word_mask(ids, tokenizer.label_ids(" black  hat")).sum() == len(tokenizer.label_ids("black hat"))
