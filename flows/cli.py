@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     def console(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--log-level",
-            default="WARNING",
+            default=None,
             type=str.upper,
             choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
             help="logging level of this process and Prefect's console (default WARNING)",
@@ -435,13 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
         args.log_level = "ERROR"
-    level = getattr(logging, str(getattr(args, "log_level", "WARNING")).upper(), logging.WARNING)
-    # Prefect's console follows --log-level (what it sends to the Prefect UI does not change), and writes no colour
-    # codes into a file or a pipe.
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", logging.getLevelName(level))
-    os.environ.setdefault(
-        "RAY_LOGGER_LEVEL", logging.getLevelName(level).lower()
-    )  # read when ray is imported
+    chosen = getattr(args, "log_level", None)
+    level = getattr(logging, str(chosen or "WARNING").upper(), logging.WARNING)
+    # Prefect's console and Ray's driver follow the level (what Prefect sends to its UI does not change). A level
+    # given on the command line wins over the environment; without one, the environment's own setting stays.
+    put = os.environ.__setitem__ if chosen else os.environ.setdefault
+    put("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", logging.getLevelName(level))
+    put("RAY_LOGGER_LEVEL", logging.getLevelName(level).lower())  # read when ray is imported
     if not sys.stderr.isatty():
         os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")
         os.environ.setdefault("NO_COLOR", "1")

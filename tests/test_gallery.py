@@ -52,6 +52,8 @@ def demo(tmp_path_factory, prefect_harness) -> tuple[Path, subprocess.CompletedP
         "PREFECT_API_URL": PREFECT_API_URL.value(),  # the session's server: no temporary server per run
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PYTHONPATH": str(REPO),
+        # a level in the environment (another test's in-process CLI call leaves one): --log-level must win over it
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
     }
     env.pop("NO_COLOR", None)
     env.pop("PREFECT_LOGGING_COLORS", None)
