@@ -151,3 +151,48 @@ def model_info(spec: ModelSpec, default_id: str | None = None) -> ModelInfo:
         revision=resolve_revision(spec, model_id),
         random_weights=spec.random_init,
     )
+
+
+def hf_load_error(family: str, weights: str, revision: str | None, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot load {family} weights {weights!r} (revision {revision or 'default'}): {exc}. Set `weights` to a "
+        f"local directory holding the checkpoint (e.g. `hf download {weights} --local-dir DIR`) or make the "
+        "Hugging Face hub reachable (HF_HUB_OFFLINE unset, network, or a pre-filled HF_HOME cache)."
+    )
+
+
+def load_hf_model(
+    spec: ModelSpec,
+    *,
+    family: str,
+    default_weights: str,
+    model_class: str,
+    processor_class: str,
+    test_build: Callable[[], tuple[Any, Any]],
+    options: frozenset[str] = frozenset(),
+) -> tuple[Any, Any, str, Any]:
+    """``(model, processor, device, dtype)`` of a transformers model with its processor, in eval mode on its
+    device: the real checkpoint (hub id or local directory, at ``spec.revision``) or, with ``spec.random_init``,
+    ``test_build()``'s tiny random model of the same architecture. Unknown ``spec.options`` are refused, so a typo
+    in a profile fails at load time instead of being ignored."""
+    unknown = set(spec.options) - options
+    if unknown:
+        raise ModelLoadError(f"{spec.backend}: unknown options {sorted(unknown)}")
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    if spec.random_init:
+        model, processor = test_build()
+    else:
+        import transformers
+
+        weights = spec.weights or default_weights
+        try:
+            processor = getattr(transformers, processor_class).from_pretrained(
+                weights, revision=spec.revision
+            )
+            model = getattr(transformers, model_class).from_pretrained(
+                weights, revision=spec.revision, dtype=dtype
+            )
+        except (OSError, ValueError) as e:
+            raise hf_load_error(family, weights, spec.revision, e) from e
+    return model.to(device=device, dtype=dtype).eval(), processor, device, dtype

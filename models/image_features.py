@@ -14,7 +14,12 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device, resolve_dtype
+from models.base import (
+    ModelSpec,
+    Registry,
+    load_hf_model,
+    model_info,
+)
 from models.weights import DEFAULTS
 
 logger = logging.getLogger(__name__)
@@ -41,14 +46,6 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def hf_load_error(family: str, weights: str, revision: str | None, exc: Exception) -> ModelLoadError:
-    return ModelLoadError(
-        f"cannot load {family} weights {weights!r} (revision {revision or 'default'}): {exc}. Set `weights` to a "
-        f"local directory holding the checkpoint (e.g. `hf download {weights} --local-dir DIR`) or make the "
-        "Hugging Face hub reachable (HF_HUB_OFFLINE unset, network, or a pre-filled HF_HOME cache)."
-    )
-
-
 @IMAGE_FEATURES.register("dinov2")
 class Dinov2Features:
     """DINOv2 CLS features, `batch_size` images per forward pass."""
@@ -64,22 +61,14 @@ class Dinov2Features:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> Dinov2Features:
-        if spec.options:
-            raise ModelLoadError(f"dinov2: unknown options {sorted(spec.options)}")
-        device = resolve_device(spec.device)
-        dtype = resolve_dtype(spec.dtype, device)
-        if spec.random_init:
-            model, processor = build_test_dinov2()
-        else:
-            from transformers import AutoImageProcessor, Dinov2Model
-
-            weights = spec.weights or DEFAULTS["dinov2"]
-            try:
-                processor = AutoImageProcessor.from_pretrained(weights, revision=spec.revision)
-                model = Dinov2Model.from_pretrained(weights, revision=spec.revision, dtype=dtype)
-            except (OSError, ValueError) as e:
-                raise hf_load_error("DINOv2", weights, spec.revision, e) from e
-        model = model.to(device=device, dtype=dtype).eval()
+        model, processor, device, dtype = load_hf_model(
+            spec,
+            family="DINOv2",
+            default_weights=DEFAULTS["dinov2"],
+            model_class="Dinov2Model",
+            processor_class="AutoImageProcessor",
+            test_build=build_test_dinov2,
+        )
         return cls(model, processor, spec, device, dtype)
 
     def embed_images(self, images: Sequence[ImageLike]) -> np.ndarray:

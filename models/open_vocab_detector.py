@@ -32,9 +32,14 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device, resolve_dtype
+from models.base import (
+    ModelSpec,
+    Registry,
+    load_hf_model,
+    model_info,
+)
 from models.grounding import GroundedBox
-from models.image_features import ImageLike, hf_load_error, to_pil
+from models.image_features import ImageLike, to_pil
 from models.qwen_vl import batched
 from models.weights import DEFAULTS
 from schemas.records import Box
@@ -77,23 +82,15 @@ class Owlv2Detector:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> Owlv2Detector:
-        unknown = set(spec.options) - {"threshold", "nms_iou"}
-        if unknown:
-            raise ModelLoadError(f"owlv2: unknown options {sorted(unknown)}")
-        device = resolve_device(spec.device)
-        dtype = resolve_dtype(spec.dtype, device)
-        if spec.random_init:
-            model, processor = build_test_owlv2()
-        else:
-            from transformers import Owlv2ForObjectDetection, Owlv2Processor
-
-            weights = spec.weights or DEFAULTS["owlv2"]
-            try:
-                processor = Owlv2Processor.from_pretrained(weights, revision=spec.revision)
-                model = Owlv2ForObjectDetection.from_pretrained(weights, revision=spec.revision, dtype=dtype)
-            except (OSError, ValueError) as e:
-                raise hf_load_error("OWLv2", weights, spec.revision, e) from e
-        model = model.to(device=device, dtype=dtype).eval()
+        model, processor, device, dtype = load_hf_model(
+            spec,
+            family="OWLv2",
+            default_weights=DEFAULTS["owlv2"],
+            model_class="Owlv2ForObjectDetection",
+            processor_class="Owlv2Processor",
+            test_build=build_test_owlv2,
+            options=frozenset({"threshold", "nms_iou"}),
+        )
         return cls(model, processor, spec, device, dtype)
 
     def __call__(
@@ -212,27 +209,17 @@ class Florence2Detector:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> Florence2Detector:
-        unknown = set(spec.options) - {"threshold", "num_beams", "max_new_tokens"}
-        if unknown:
-            raise ModelLoadError(f"florence2: unknown options {sorted(unknown)}")
         if spec.trust_remote_code:
             logger.info("florence2 is native to transformers: trust_remote_code is not needed and not used")
-        device = resolve_device(spec.device)
-        dtype = resolve_dtype(spec.dtype, device)
-        if spec.random_init:
-            model, processor = build_test_florence2()
-        else:
-            from transformers import AutoProcessor, Florence2ForConditionalGeneration
-
-            weights = spec.weights or DEFAULTS["florence2"]
-            try:
-                processor = AutoProcessor.from_pretrained(weights, revision=spec.revision)
-                model = Florence2ForConditionalGeneration.from_pretrained(
-                    weights, revision=spec.revision, dtype=dtype
-                )
-            except (OSError, ValueError) as e:
-                raise hf_load_error("Florence-2", weights, spec.revision, e) from e
-        model = model.to(device=device, dtype=dtype).eval()
+        model, processor, device, dtype = load_hf_model(
+            spec,
+            family="Florence-2",
+            default_weights=DEFAULTS["florence2"],
+            model_class="Florence2ForConditionalGeneration",
+            processor_class="AutoProcessor",
+            test_build=build_test_florence2,
+            options=frozenset({"threshold", "num_beams", "max_new_tokens"}),
+        )
         return cls(model, processor, spec, device, dtype)
 
     def __call__(

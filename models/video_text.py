@@ -29,8 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.base import ModelLoadError, ModelSpec, Registry, model_info, resolve_device, resolve_dtype
-from models.image_features import hf_load_error, l2_normalise
+from models.base import (
+    ModelLoadError,
+    ModelSpec,
+    Registry,
+    hf_load_error,
+    load_hf_model,
+    model_info,
+    resolve_device,
+    resolve_dtype,
+)
+from models.image_features import l2_normalise
 from models.weights import DEFAULTS
 
 logger = logging.getLogger(__name__)
@@ -74,23 +83,15 @@ class XClipVideoText:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> XClipVideoText:
-        unknown = set(spec.options) - {"num_frames"}
-        if unknown:
-            raise ModelLoadError(f"xclip: unknown options {sorted(unknown)}")
-        device = resolve_device(spec.device)
-        dtype = resolve_dtype(spec.dtype, device)
-        if spec.random_init:
-            model, processor = build_test_xclip()
-        else:
-            from transformers import XCLIPModel, XCLIPProcessor
-
-            weights = spec.weights or DEFAULTS["xclip"]
-            try:
-                processor = XCLIPProcessor.from_pretrained(weights, revision=spec.revision)
-                model = XCLIPModel.from_pretrained(weights, revision=spec.revision, dtype=dtype)
-            except (OSError, ValueError) as e:
-                raise hf_load_error("X-CLIP", weights, spec.revision, e) from e
-        model = model.to(device=device, dtype=dtype).eval()
+        model, processor, device, dtype = load_hf_model(
+            spec,
+            family="X-CLIP",
+            default_weights=DEFAULTS["xclip"],
+            model_class="XCLIPModel",
+            processor_class="XCLIPProcessor",
+            test_build=build_test_xclip,
+            options=frozenset({"num_frames"}),
+        )
         return cls(model, processor, spec, device, dtype)
 
     def _pixels(self, videos: Sequence[np.ndarray]) -> torch.Tensor:
