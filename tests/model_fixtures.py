@@ -12,6 +12,8 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -171,3 +173,21 @@ def case_folder(root: Path, *, persons: int = 2) -> Path:
         background=CaseImage(label="garden", data=png_bytes(48, 32, (90, 140, 90))),
     )
     return write_case(case, root / "case_0")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Import into a test module to run it on one intra-op thread: with tiny tensors, threads only add contention
+    on a 2-core CI machine (10x slower when it is busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_train_config(tmp_path, shards, **overrides):
+    """The `tiny` training preset reading ``shards`` and writing into ``tmp_path``, with overrides."""
+    from lumosx_model.config import TrainConfig
+
+    overrides["data"] = {"shards": shards, **overrides.get("data", {})}
+    return TrainConfig.preset("tiny", output_dir=str(tmp_path), **overrides)

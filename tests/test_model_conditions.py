@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from model_fixtures import case_folder, png_bytes, sample
+from model_fixtures import case_folder, one_torch_thread, png_bytes, sample  # noqa: F401 (one_torch_thread: autouse)
 from PIL import Image
 
 from lumosx_model.components import FrozenEncoders
@@ -27,16 +27,6 @@ from lumosx_model.conditions import (
 from lumosx_model.config import AugmentConfig
 from lumosx_model.layout import Condition
 from schemas.official_case import read_case
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention on a 2-core CI machine (10x slower when it is busy).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 CANVAS = (32, 48)  # (height, width)
 

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 import torch
-from model_fixtures import mp4_bytes, sample, write_shards
+from model_fixtures import mp4_bytes, one_torch_thread, sample, write_shards  # noqa: F401 (one_torch_thread: autouse)
 
 from lumosx_model.components import FrozenEncoders
 from lumosx_model.config import DataConfig, TrainConfig
@@ -24,15 +24,6 @@ from lumosx_model.data import (
     make_loader,
     nearest_bucket,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention on a 2-core CI machine (10x slower when it is busy).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

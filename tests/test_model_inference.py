@@ -5,21 +5,13 @@ from __future__ import annotations
 import av
 import pytest
 import torch
-from model_fixtures import case_folder
+from model_fixtures import case_folder, one_torch_thread  # noqa: F401 (one_torch_thread: autouse)
 
 from lumosx_model.components import load_transformer
 from lumosx_model.conditions import TooManyConditionsError
 from lumosx_model.config import InferenceConfig, ModelConfig
 from lumosx_model.inference import LumosXGenerator, generate_case, write_mp4
 from schemas.official_case import CaseFormatError, read_case
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _probe(path) -> tuple[int, int, int]:

@@ -6,31 +6,17 @@ import itertools
 
 import pytest
 import torch
-from model_fixtures import sample, write_shards
+from model_fixtures import one_torch_thread, sample, tiny_train_config, write_shards  # noqa: F401 (one_torch_thread: autouse)
 
 from lumosx_model.components import load_transformer
-from lumosx_model.config import ModelConfig, TrainConfig
+from lumosx_model.config import ModelConfig
 from lumosx_model.train import Trainer, find_latest_checkpoint, shifted_sigmas
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention on a 2-core CI machine (10x slower when it is busy).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_shards")
     return write_shards(root, [sample(f"s{i:02d}", persons=1 + i % 3, seed=i) for i in range(6)], per_shard=2)
-
-
-def _cfg(tmp_path, shards, **overrides) -> TrainConfig:
-    overrides["data"] = {"shards": shards, **overrides.get("data", {})}
-    return TrainConfig.preset("tiny", output_dir=str(tmp_path), **overrides)
 
 
 def test_shifted_sigmas():
@@ -41,7 +27,7 @@ def test_shifted_sigmas():
 
 
 def test_overfits_a_fixed_batch(tmp_path, shards):
-    cfg = _cfg(
+    cfg = tiny_train_config(
         tmp_path,
         shards[:1],
         max_steps=100,
@@ -72,17 +58,17 @@ def test_overfits_a_fixed_batch(tmp_path, shards):
 
 def test_resume_replays_the_uninterrupted_run(tmp_path, shards):
     overrides = dict(max_steps=4, checkpoint_every=2, grad_accum=1)
-    full = Trainer(_cfg(tmp_path / "full", shards, **overrides))
+    full = Trainer(tiny_train_config(tmp_path / "full", shards, **overrides))
     expected = full.fit()
     full_weights = {k: v.clone() for k, v in full.accelerator.unwrap_model(full.model).state_dict().items()}
     full.close()
 
-    first = Trainer(_cfg(tmp_path / "cut", shards, **{**overrides, "max_steps": 2}))
+    first = Trainer(tiny_train_config(tmp_path / "cut", shards, **{**overrides, "max_steps": 2}))
     head = first.fit()
     first.close()
     assert find_latest_checkpoint(tmp_path / "cut").name == "step-0000002"
 
-    resumed = Trainer(_cfg(tmp_path / "cut", shards, **overrides))  # resume_from: latest
+    resumed = Trainer(tiny_train_config(tmp_path / "cut", shards, **overrides))  # resume_from: latest
     assert resumed.state.step == 2 and resumed.state.batches_consumed == 2
     tail = resumed.fit()
     weights = resumed.accelerator.unwrap_model(resumed.model).state_dict()
@@ -96,7 +82,7 @@ def test_resume_replays_the_uninterrupted_run(tmp_path, shards):
 
 def test_export_loads_back_and_logs(tmp_path, shards):
     trainer = Trainer(
-        _cfg(tmp_path, shards, max_steps=2, checkpoint_every=1, keep_checkpoints=1, grad_accum=2)
+        tiny_train_config(tmp_path, shards, max_steps=2, checkpoint_every=1, keep_checkpoints=1, grad_accum=2)
     )
     trainer.fit()
     trained = trainer.accelerator.unwrap_model(trainer.model).state_dict()
@@ -112,7 +98,7 @@ def test_export_loads_back_and_logs(tmp_path, shards):
 
 
 def test_stage_filter_reaches_the_trainer(tmp_path, shards):
-    trainer = Trainer(_cfg(tmp_path, shards, max_steps=1, data={"max_persons": 1}))
+    trainer = Trainer(tiny_train_config(tmp_path, shards, max_steps=1, data={"max_persons": 1}))
     for batch in itertools.islice(iter(trainer.loader), 3):
         assert all(layout.num_groups == 1 for layout in batch.layouts)
     trainer.close()
@@ -120,7 +106,7 @@ def test_stage_filter_reaches_the_trainer(tmp_path, shards):
 
 def test_trains_on_fixed_condition_slots(tmp_path, shards):
     # 1 background + 1 object + 3 persons x (face + 3 attributes) = 14 slots, whatever each batch holds
-    cfg = _cfg(tmp_path, shards, max_steps=2, data={"max_objects": 1, "condition_slots": "auto"})
+    cfg = tiny_train_config(tmp_path, shards, max_steps=2, data={"max_objects": 1, "condition_slots": "auto"})
     trainer = Trainer(cfg)
     shapes, counts = set(), set()
     forward = trainer.model.forward
@@ -139,7 +125,7 @@ def test_trains_on_fixed_condition_slots(tmp_path, shards):
 
 def test_bad_resume_path_is_a_clear_error(tmp_path, shards):
     with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
-        Trainer(_cfg(tmp_path, shards, resume_from=str(tmp_path / "nope")))
+        Trainer(tiny_train_config(tmp_path, shards, resume_from=str(tmp_path / "nope")))
 
 
 def test_cli_cache_then_train_on_cached_latents(tmp_path, shards):
@@ -161,7 +147,7 @@ def test_cli_cache_then_train_on_cached_latents(tmp_path, shards):
     assert main(["cache", "--preset", "tiny", *sets]) == 0
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 6
     assert main(["cache", "--preset", "tiny", *sets]) == 0  # idempotent: nothing rewritten
-    cfg = _cfg(
+    cfg = tiny_train_config(
         tmp_path / "run2", shards, data={"cache_dir": str(tmp_path / "cache"), "temporal_crop": "start"}
     )
     trainer = Trainer(cfg)

@@ -10,7 +10,7 @@ import math
 import av
 import pytest
 import torch
-from model_fixtures import case_folder, sample, write_shards
+from model_fixtures import case_folder, one_torch_thread, sample, tiny_train_config, write_shards  # noqa: F401 (one_torch_thread: autouse)
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -20,23 +20,10 @@ from lumosx_model.transformer import RelationalWanTransformer
 from lumosx_model.wan_original import load_original_transformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("ergonomics_shards")
     return write_shards(root, [sample(f"e{i:02d}", persons=1 + i % 2, seed=i) for i in range(4)], per_shard=2)
-
-
-def _cfg(tmp_path, shards, **overrides) -> TrainConfig:
-    overrides["data"] = {"shards": shards, **overrides.get("data", {})}
-    return TrainConfig.preset("tiny", output_dir=str(tmp_path), **overrides)
 
 
 def _scalars(logdir) -> dict[str, list[float]]:
@@ -53,7 +40,7 @@ def _scalars(logdir) -> dict[str, list[float]]:
 
 def test_resumed_run_has_the_same_ema_weights(tmp_path, shards):
     overrides = dict(max_steps=4, checkpoint_every=2, ema={"enabled": True, "decay": 0.7})
-    full = Trainer(_cfg(tmp_path / "full", shards, **overrides))
+    full = Trainer(tiny_train_config(tmp_path / "full", shards, **overrides))
     full.fit()
     expected = [p.clone() for p in full.ema.shadow_params]
     weights = [p.detach().clone() for p in full._ema_params]
@@ -62,11 +49,11 @@ def test_resumed_run_has_the_same_ema_weights(tmp_path, shards):
         not torch.equal(a, b) for a, b in zip(expected, weights, strict=True)
     )  # EMA is not the weights
 
-    first = Trainer(_cfg(tmp_path / "cut", shards, **{**overrides, "max_steps": 2}))
+    first = Trainer(tiny_train_config(tmp_path / "cut", shards, **{**overrides, "max_steps": 2}))
     first.fit()
     first.close()
     assert (tmp_path / "cut" / "checkpoints" / "step-0000002" / EMA_WEIGHTS).is_file()
-    resumed = Trainer(_cfg(tmp_path / "cut", shards, **overrides))
+    resumed = Trainer(tiny_train_config(tmp_path / "cut", shards, **overrides))
     assert resumed.ema.optimization_step == 2
     resumed.fit()
     got = resumed.ema.shadow_params
@@ -86,7 +73,7 @@ def test_schedule_progress_validation_tracker_and_wan_export(tmp_path, shards, c
     bad = cases / "case_broken"
     bad.mkdir()
     (bad / "caption.txt").write_text("no separator here")
-    cfg = _cfg(
+    cfg = tiny_train_config(
         tmp_path / "run",
         shards,
         max_steps=6,
@@ -145,8 +132,8 @@ def test_tracker_choice(tmp_path, shards, monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
     )
     with pytest.raises(ImportError, match="pip install wandb"):
-        Trainer(_cfg(tmp_path / "w", shards, tracker="wandb"))
-    trainer = Trainer(_cfg(tmp_path / "n", shards, tracker="none", max_steps=1))
+        Trainer(tiny_train_config(tmp_path / "w", shards, tracker="wandb"))
+    trainer = Trainer(tiny_train_config(tmp_path / "n", shards, tracker="none", max_steps=1))
     trainer.fit()
     trainer.close()
     assert not list((tmp_path / "n").rglob("events.out.tfevents.*"))

@@ -11,7 +11,7 @@ import av
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
-from model_fixtures import case_folder
+from model_fixtures import case_folder, one_torch_thread  # noqa: F401 (one_torch_thread: autouse)
 from safetensors.torch import load_file
 from transformers import UMT5EncoderModel
 
@@ -20,14 +20,6 @@ from lumosx_model.cli import main
 from lumosx_model.components import build_tiny_tokenizer, tiny_text_encoder_config
 from lumosx_model.transformer import RelationalWanTransformer
 from models.base import ModelLoadError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_transformer(seed: int = 0) -> RelationalWanTransformer:
