@@ -9,7 +9,7 @@ Backends (registered in `VIDEO_TEXT`):
   way the model was trained to score a caption), as a cosine in [-1, 1].
 - ``videoclip-xl``: the paper's VideoCLIP-XL-v2 (``alibaba-pai/VideoCLIP-XL-v2``). It is not a transformers
   model: it ships its own model code (``modeling.py``, ``utils/text_encoder.py``), so it is loaded only when the
-  user sets ``trust_remote_code=True``; without it the adapter refuses with `ModelLoadError`. Its state dict is
+  user sets ``trust_remote_code: true`` in its model spec; without it the adapter refuses with `ModelLoadError`. Its state dict is
   loaded with ``torch.load(weights_only=True)``. Usage follows the model card (8 frames, 224 x 224, CLIP
   normalisation, ``vision_model.get_vid_features`` / ``text_model.encode_text``); it has no test build and was
   not run against the real checkpoint here (no hub access).
@@ -192,7 +192,7 @@ def build_test_xclip(seed: int = 0, num_frames: int = 8):
 # ------------------------------------------------------------------------------------------------- VideoCLIP-XL
 @VIDEO_TEXT.register("videoclip-xl")
 class VideoClipXL:
-    """The paper's VideoCLIP-XL-v2 through its own model code (opt-in: ``trust_remote_code=True``).
+    """The paper's VideoCLIP-XL-v2 through its own model code (the user's opt-in: ``trust_remote_code: true`` in the spec).
 
     ``spec.weights``: a local snapshot directory of the model repository (``modeling.py``, ``utils/`` and the
     checkpoint) or a hub id, downloaded with `huggingface_hub.snapshot_download` at ``spec.revision``.
@@ -218,7 +218,12 @@ class VideoClipXL:
         if not spec.trust_remote_code:
             raise ModelLoadError(
                 "videoclip-xl (VideoCLIP-XL-v2) runs model code shipped with its checkpoint; set "
-                "trust_remote_code=True on its model spec to allow that, or use the native 'xclip' backend"
+                "`trust_remote_code: true` (and `revision: <commit>`) in its model spec to allow that, or use the "
+                "native 'xclip' backend"
+            )
+        if spec.revision is None:
+            logger.warning(
+                "videoclip-xl runs code from its checkpoint with no pinned revision: that code may change upstream"
             )
         if spec.random_init:
             raise ModelLoadError("videoclip-xl has no test build; use 'xclip' with random_init for tests")

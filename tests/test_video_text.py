@@ -69,9 +69,9 @@ def test_xclip_local_checkpoint(tmp_path, xclip, videos):
 
 
 def test_videoclip_xl_refuses_without_trust_remote_code(tmp_path):
-    with pytest.raises(ModelLoadError, match="trust_remote_code=True"):
+    with pytest.raises(ModelLoadError, match="trust_remote_code: true"):
         VIDEO_TEXT.build(ModelSpec(backend="videoclip-xl"))
-    with pytest.raises(ModelLoadError, match="trust_remote_code=True"):
+    with pytest.raises(ModelLoadError, match="trust_remote_code: true"):
         VIDEO_TEXT.build(ModelSpec(backend="videoclip-xl", weights=str(tmp_path)))
     with pytest.raises(ModelLoadError, match="modeling.py not found"):
         VIDEO_TEXT.build(ModelSpec(backend="videoclip-xl", weights=str(tmp_path), trust_remote_code=True))
